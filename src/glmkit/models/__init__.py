@@ -1,0 +1,83 @@
+"""Build a model and its tokenizer from a checkpoint directory, choosing the family from config fields.
+
+``architectures`` and ``auto_map`` are not trusted and no ``.py`` file of a checkpoint is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmkit.errors import GlmkitError
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise GlmkitError(f"{model_dir} has no config.json: is it a model directory?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GlmkitError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def model_family(config: dict[str, Any]) -> str:
+    """``chatglm`` (ChatGLM-6B), ``chatglm2`` (ChatGLM2/3-6B, CharacterGLM-6B) or ``hf`` (transformers)."""
+    if "position_encoding_2d" in config or "inner_hidden_size" in config:
+        return "chatglm"
+    if "multi_query_attention" in config or "padded_vocab_size" in config:
+        return "chatglm2"
+    return "hf"
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    ptuning_checkpoint: str | Path | None = None,
+):
+    """A model module following ``glmkit.models.base.CausalLM``, in eval mode on ``device``."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = model_family(config)
+    device = torch.device(device)
+    if family == "hf":
+        if ptuning_checkpoint is not None:
+            raise GlmkitError("P-Tuning checkpoints apply to ChatGLM-family models only")
+        from glmkit.models.hf_causal_lm import HFCausalLM
+
+        return HFCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    if family == "chatglm":
+        from glmkit.models.chatglm import ChatGLMForConditionalGeneration as family_class
+    else:
+        from glmkit.models.chatglm2 import ChatGLM2ForConditionalGeneration as family_class
+    return family_class.from_pretrained(
+        model_dir, dtype=dtype, device=device, ptuning_checkpoint=ptuning_checkpoint
+    )
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """ChatGLM sentencepiece tokenizers natively; anything else through ``AutoTokenizer`` (no remote code)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "ice_text.model").is_file():
+        from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
+
+        return ChatGLMTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer_config = tokenizer_dir / "tokenizer_config.json"
+    if (
+        (tokenizer_dir / "tokenizer.model").is_file()
+        and tokenizer_config.is_file()
+        and "ChatGLM" in json.loads(tokenizer_config.read_text(encoding="utf-8")).get("tokenizer_class", "")
+    ):
+        from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
+
+        return ChatGLM2Tokenizer.from_pretrained(tokenizer_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise GlmkitError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc

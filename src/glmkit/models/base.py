@@ -1,0 +1,99 @@
+"""What every model family gives the engine: a forward pass over a key/value cache.
+
+A family module (``chatglm.py``, ``chatglm2.py``, ``hf_causal_lm.py``) is a ``torch.nn.Module`` with
+
+    forward(input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False)
+        -> CausalLMOutput(logits=[batch, seq, vocab])
+    new_cache(batch_size, max_length) -> a cache object with ``length`` and ``crop(n)``
+    context_length: int             # longest sequence the model accepts
+    supports_prefix_reuse: bool     # may a cache filled by one prompt serve a longer one?
+
+Without a cache, ``forward`` runs the whole sequence (masks and positions built as the reference
+builds them).  With a cache, ``input_ids`` are the tokens that follow what the cache holds; the
+model writes their keys/values into it, derives their positions from it and advances it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+
+
+class Cache(Protocol):
+    length: int
+
+    def crop(self, length: int) -> None: ...
+
+
+class CausalLM(Protocol):
+    context_length: int
+    supports_prefix_reuse: bool
+
+    def new_cache(self, batch_size: int, max_length: int) -> Cache: ...
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput: ...
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every layer, ``[batch, kv_heads, max_length, head_dim]``.
+
+    Fixed shapes (gpt-fast style) so a compiled decode step sees the same tensors every call.
+    ``state`` holds what a family needs to derive later positions (e.g. ChatGLM-6B's mask position).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``[batch, kv_heads, new, head_dim]`` after what is cached; return all keys/values so far."""
+        end = self.length + key.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions, {end} requested")
+        self.keys[layer][:, :, self.length : end] = key
+        self.values[layer][:, :, self.length : end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has stored its ``n`` new positions."""
+        self.length += n
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)

@@ -1,0 +1,85 @@
+"""Any transformers causal LM glmkit has no native family for, driven by glmkit's own decode loop.
+
+Only the module's ``forward`` is used; its ``past_key_values`` object is carried through untouched,
+so changes in transformers' cache classes do not reach the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from glmkit.errors import GlmkitError
+from glmkit.models.base import CausalLMOutput
+
+
+@dataclass
+class HFCache:
+    max_length: int
+    past: Any = None
+    length: int = 0
+
+    def crop(self, length: int) -> None:
+        if length >= self.length:
+            return
+        if length > 0 and hasattr(self.past, "crop"):
+            self.past.crop(length)
+        else:
+            self.past = None
+            length = 0
+        self.length = length
+
+
+class HFCausalLM(nn.Module):
+    supports_prefix_reuse = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        config = model.config
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: Path, dtype: torch.dtype, device: torch.device) -> HFCausalLM:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
+        except ValueError as exc:
+            raise GlmkitError(f"transformers cannot build a causal LM from {path}: {exc}") from exc
+        return cls(model.to(device).eval())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def new_cache(self, batch_size: int, max_length: int) -> HFCache:
+        return HFCache(max_length=max_length)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: HFCache | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        kwargs: dict[str, Any] = {"use_cache": cache is not None}
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        if cache is not None:
+            if position_ids is None:
+                start = cache.length
+                position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+            kwargs["past_key_values"] = cache.past
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if cache is not None:
+            cache.past = out.past_key_values
+            cache.length += input_ids.shape[1]
+        return CausalLMOutput(logits=out.logits)

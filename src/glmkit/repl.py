@@ -1,0 +1,74 @@
+"""The terminal chat: streaming replies, ``clear`` / ``stop``, Ctrl-C to cut a reply short."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from glmkit.chat import ChatModel
+
+CLEAR_WORDS = ("clear",)
+QUIT_WORDS = ("stop", "exit", "quit")
+CLEAR_SCREEN = "\033[2J\033[H"
+
+
+def stream_answer(
+    model: ChatModel, query: str, history: list, out: TextIO, **options: Any
+) -> tuple[str | Any, list]:
+    """Print the reply as it streams; return the final response and history."""
+    response: Any = ""
+    shown = ""
+    new_history = history
+    for response, new_history in model.stream_chat(query, history, **options):
+        text = response if isinstance(response, str) else str(response)
+        # post-processing may rewrite earlier characters (ChatGLM punctuation); print only the new tail
+        if text.startswith(shown):
+            out.write(text[len(shown) :])
+        else:
+            out.write("\n" + text)
+        out.flush()
+        shown = text
+    out.write("\n")
+    out.flush()
+    return response, new_history
+
+
+def run_repl(model: ChatModel, options: dict[str, Any], greeting: str | None = None, bot_name: str = "") -> None:
+    try:
+        import readline  # noqa: F401 - importing it gives input() line editing and history
+    except ImportError:  # Windows
+        pass
+    name = bot_name or model.name
+    banner = f"glmkit chat with {name}. Type a message; 'clear' empties the history, 'stop' quits."
+
+    def start() -> list:
+        print(banner)
+        if greeting:
+            print(f"{name}: {greeting}")
+        return []
+
+    history = start()
+    while True:
+        try:
+            query = input("\nYou: ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(type 'stop' or press Ctrl-D to quit)")
+            continue
+        if not query:
+            continue
+        if query.lower() in QUIT_WORDS:
+            return
+        if query.lower() in CLEAR_WORDS:
+            sys.stdout.write(CLEAR_SCREEN)
+            history = start()
+            continue
+        sys.stdout.write(f"\n{name}: ")
+        sys.stdout.flush()
+        try:
+            _, history = stream_answer(model, query, history, sys.stdout, **options)
+        except KeyboardInterrupt:
+            # the interrupted turn is dropped; the conversation before it stays
+            print("\n[answer stopped]")
