@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from glmkit.demo_model import DEMO_MODEL_NAME
 from glmkit.devices import resolve_device, resolve_dtype
 from glmkit.engine import Chunk, DecodeSession, Engine, GenerationConfig
 from glmkit.errors import GlmkitError
@@ -182,7 +183,7 @@ def load(
     network = load_model(model_dir, dtype=torch_dtype, device=torch_device, ptuning_checkpoint=ptuning_checkpoint)
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))
-    name = str(model) if model is not None else model_dir.name
+    name = str(model) if model is not None else DEMO_MODEL_NAME
     return ChatModel(
         network,
         tokenizer,

@@ -72,12 +72,12 @@ def _convert(gguf: Path, out: Path) -> None:
     )
 
 
-def ensure_demo_model() -> Path:
-    """The converted demo model directory, converting the GGUF first if this is the first use."""
+def ensure_demo_model(gguf: Path | None = None) -> Path:
+    """The converted demo model directory, converting the GGUF (default: the bundled one) on first use."""
     target = demo_model_dir()
     if (target / "model.safetensors").is_file():
         return target
-    gguf = find_gguf()
+    gguf = gguf or find_gguf()
     if _sha256(gguf) != GGUF_SHA256:
         raise GlmkitError(f"{gguf} does not have the expected sha256 {GGUF_SHA256}: reinstall with `{INSTALL_HINT}`")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 IGNORED_FILES = ["*.py", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf", "*.pt"]
 
 
-def resolve_model(reference: str | Path | None = None, source: str = "huggingface", revision: str | None = None) -> Path:
+def resolve_model(
+    reference: str | Path | None = None, source: str = "huggingface", revision: str | None = None
+) -> Path:
     """A directory holding the model.  ``None`` or ``"demo"`` is the bundled demo model."""
     if reference is None or str(reference) == "demo":
         return ensure_demo_model()
@@ -62,7 +64,9 @@ def _from_modelscope(model_id: str, revision: str | None) -> Path:
     try:
         from modelscope import snapshot_download
     except ImportError:
-        raise GlmkitError("--source modelscope needs the modelscope package: pip install 'glmkit[modelscope]'") from None
+        raise GlmkitError(
+            "--source modelscope needs the modelscope package: pip install 'glmkit[modelscope]'"
+        ) from None
     try:
         return Path(snapshot_download(model_id, revision=revision or "master", ignore_file_pattern=IGNORED_FILES))
     except Exception as exc:

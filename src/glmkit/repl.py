@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, TextIO
 
@@ -19,7 +20,7 @@ def stream_answer(
     response: Any = ""
     shown = ""
     new_history = history
-    for response, new_history in model.stream_chat(query, history, **options):
+    for response, new_history in model.stream_chat(query, history, **options):  # noqa: B007 - kept after the loop
         text = response if isinstance(response, str) else str(response)
         # post-processing may rewrite earlier characters (ChatGLM punctuation); print only the new tail
         if text.startswith(shown):
@@ -34,10 +35,8 @@ def stream_answer(
 
 
 def run_repl(model: ChatModel, options: dict[str, Any], greeting: str | None = None, bot_name: str = "") -> None:
-    try:
+    with contextlib.suppress(ImportError):  # no readline on Windows
         import readline  # noqa: F401 - importing it gives input() line editing and history
-    except ImportError:  # Windows
-        pass
     name = bot_name or model.name
     banner = f"glmkit chat with {name}. Type a message; 'clear' empties the history, 'stop' quits."
 

@@ -67,8 +67,10 @@ def _prepare_cache(
         reusable = min(reusable, len(prompt_ids) - 1)  # the last prompt id must run to give logits
         if session.cache.max_length >= capacity and reusable > 0:
             session.cache.crop(reusable)
+            reusable = session.cache.length  # a cache may drop more than asked
             session.tokens = session.tokens[:reusable]
-            return session.cache, reusable
+            if reusable:
+                return session.cache, reusable
     size = model.context_length if session is not None else capacity
     cache = model.new_cache(batch_size=1, max_length=size)
     if session is not None:

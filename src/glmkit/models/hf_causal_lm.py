@@ -25,14 +25,10 @@ class HFCache:
     length: int = 0
 
     def crop(self, length: int) -> None:
-        if length >= self.length:
-            return
-        if length > 0 and hasattr(self.past, "crop"):
-            self.past.crop(length)
-        else:
-            self.past = None
-            length = 0
-        self.length = length
+        # transformers' cache classes changed what ``crop`` means between releases, so shortening
+        # starts over; a prompt that extends the cached tokens (the usual next chat turn) still reuses it
+        if length < self.length:
+            self.past, self.length = None, 0
 
 
 class HFCausalLM(nn.Module):

@@ -1,0 +1,3 @@
+from glmkit.cli import main
+
+main()

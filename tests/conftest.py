@@ -1,0 +1,37 @@
+"""Shared fixtures: the bundled demo model (converted once per machine) and a tiny random Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+
+
+@pytest.fixture(scope="session")
+def demo_chat():
+    import glmkit
+
+    return glmkit.load(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A random 2-layer Llama driven through glmkit's transformers adapter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from glmkit.models.hf_causal_lm import HFCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return HFCausalLM(LlamaForCausalLM(config).eval())

@@ -1,0 +1,108 @@
+"""The decode loop, sampling and stop rules on a tiny random model and the demo tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmkit.engine import DecodeSession, GenerationConfig, generate_tokens
+from glmkit.engine.config import token_budget
+from glmkit.engine.detokenizer import StreamingDetokenizer
+from glmkit.engine.sampling import filter_top_k_top_p, next_token
+from glmkit.engine.stop_strings import StopStringMatcher
+from glmkit.errors import GlmkitError
+
+GREEDY = GenerationConfig(max_new_tokens=12, do_sample=False)
+PROMPT = [5, 17, 33, 2, 71, 9]
+
+
+def test_cache_matches_full_recomputation(tiny_llama):
+    assert generate_tokens(tiny_llama, PROMPT, GREEDY, use_cache=True) == generate_tokens(
+        tiny_llama, PROMPT, GREEDY, use_cache=False
+    )
+
+
+def test_session_reuses_cache_without_changing_output(tiny_llama):
+    session = DecodeSession()
+    from glmkit.engine import iter_tokens
+
+    first = list(iter_tokens(tiny_llama, PROMPT, GREEDY, session=session))
+    assert session.tokens == PROMPT + first[:-1]
+    follow_up = PROMPT + first + [11, 12]
+    reused = list(iter_tokens(tiny_llama, follow_up, GREEDY, session=session))
+    assert reused == generate_tokens(tiny_llama, follow_up, GREEDY)
+    # a prompt that diverges early is recomputed from the shared prefix
+    other = [5, 40, 41]
+    assert list(iter_tokens(tiny_llama, other, GREEDY, session=session)) == generate_tokens(tiny_llama, other, GREEDY)
+
+
+def test_seeded_sampling_is_reproducible(tiny_llama):
+    config = GenerationConfig(max_new_tokens=16, temperature=1.5, top_p=1.0, seed=1234)
+    a = generate_tokens(tiny_llama, PROMPT, config)
+    assert a == generate_tokens(tiny_llama, PROMPT, config)
+    others = {tuple(generate_tokens(tiny_llama, PROMPT, config.updated(seed=s))) for s in range(4)}
+    assert len(others) > 1, "different seeds should give different samples"
+
+
+def test_temperature_zero_is_greedy(tiny_llama):
+    assert generate_tokens(tiny_llama, PROMPT, GenerationConfig(max_new_tokens=12, temperature=0)) == (
+        generate_tokens(tiny_llama, PROMPT, GREEDY)
+    )
+
+
+def test_stop_token_and_budget(tiny_llama):
+    tokens = generate_tokens(tiny_llama, PROMPT, GREEDY)
+    assert len(tokens) == 12
+    stop = tokens[3]
+    cut = generate_tokens(tiny_llama, PROMPT, GREEDY, stop_token_ids=[stop])
+    assert cut == tokens[: tokens.index(stop) + 1]
+    assert len(generate_tokens(tiny_llama, PROMPT, GREEDY.updated(max_length=len(PROMPT) + 5))) == 5
+
+
+def test_budget_errors():
+    with pytest.raises(GlmkitError, match="context window is 8"):
+        token_budget(8, GenerationConfig(), 8)
+    with pytest.raises(GlmkitError, match="max_length 4"):
+        token_budget(5, GenerationConfig(max_length=4), 100)
+    assert token_budget(5, GenerationConfig(max_new_tokens=None), 100) == 95
+    for bad in ({"temperature": -1}, {"top_p": 1.5}, {"max_new_tokens": 0}, {"repetition_penalty": 0}):
+        with pytest.raises(GlmkitError):
+            GenerationConfig(**bad)
+
+
+def test_top_k_top_p_filter():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [[False, False, True, True, True]]
+    probs = logits.softmax(-1)[0]
+    kept = ~torch.isinf(filter_top_k_top_p(logits, 0, float(probs[0] + probs[1] / 2)))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    assert (~torch.isinf(filter_top_k_top_p(logits, 0, 1e-6))).sum() == 1
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, 2.1, -1.0]])
+    config = GenerationConfig(do_sample=False, repetition_penalty=2.0)
+    assert next_token(logits, config, torch.tensor([[1]])).item() == 0
+    assert next_token(logits, config.updated(repetition_penalty=1.0), torch.tensor([[1]])).item() == 1
+
+
+def test_stop_string_matcher_holds_back_partial_matches():
+    matcher = StopStringMatcher(("</end>", "STOP"))
+    assert matcher.feed("hello <") == ("hello ", False)
+    assert matcher.feed("/en") == ("", False)
+    assert matcher.feed("x more") == ("</enx more", False)
+    assert matcher.feed(" ST") == (" ", False)
+    assert matcher.feed("OP and after") == ("", True)
+    assert StopStringMatcher(("ab",)).feed("xa") == ("x", False)
+
+
+@pytest.mark.parametrize("text", ["你好，世界！今天天气很好。", "emoji 😀👍🏽 and 🇫🇷 flags", "混合 mixed 文本 ✨ end"])
+def test_streaming_detokenizer_never_breaks_characters(demo_chat, text):
+    tokenizer = demo_chat.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "the case should split a character"
+    detokenizer = StreamingDetokenizer(tokenizer)
+    pieces = [detokenizer.push(i) for i in ids]
+    pieces.append(detokenizer.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
