@@ -1,0 +1,389 @@
+"""ChatGLM2-6B, ChatGLM3-6B and CharacterGLM-6B (one network), without remote code.
+
+Pre-norm decoder with RMSNorm, SwiGLU, multi-query attention (``multi_query_group_num`` key/value
+heads), rotary positions on the first half of each head (interleaved pairs), a bias on the fused qkv
+projection only, a final RMSNorm and an untied output layer.  Numerics follow the official
+THUDM/chatglm3-6b code (checked against ``shared/conformance/chatglm_v3``): the RoPE tables are computed
+in float32 and then cast to the model dtype.  ChatGLM2's code computes them in the model dtype, which
+only differs in half precision (there it is less exact, so the ChatGLM3 behaviour is used for both).
+
+Activations are ``[batch, seq, hidden]``; keys/values go to a static ``KVCache`` as
+``[batch, kv_heads, seq, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmkit.errors import GlmkitError
+from glmkit.models.base import CausalLMOutput, KVCache
+from glmkit.models.chatglm import (
+    PrefixEncoder,
+    allocate_cache,
+    causal_blocked,
+    gpu_devices,
+    load_pretrained,
+    prefix_key_values,
+)
+
+
+@dataclass
+class ChatGLM2Config:
+    """The fields of a ChatGLM2/3 ``config.json`` that shape the network (others are ignored)."""
+
+    padded_vocab_size: int = 65024
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    ffn_hidden_size: int = 13696
+    seq_length: int = 8192
+    layernorm_epsilon: float = 1e-5
+    rmsnorm: bool = True
+    post_layer_norm: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    fp32_residual_connection: bool = False
+    original_rope: bool = True
+    rope_ratio: float = 1.0  # ChatGLM3-6B-32K stretches the RoPE base by this
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    pre_seq_len: int | None = None  # P-Tuning v2 prefix length
+    prefix_projection: bool = False
+    quantization_bit: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ChatGLM2Config:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[batch, seq, 1, head_dim/4]`` for positions ``[batch, seq]``: RoPE over the first
+    ``head_dim/2`` channels, computed in float32, then cast."""
+    dim = head_dim // 2
+    theta = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim))
+    angles = position_ids.float()[..., None] * theta
+    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of the first half of each head; the rest passes."""
+    rot = cos.shape[-1] * 2
+    x0, x1 = x[..., :rot].unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, x[..., rot:]], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def _norm(config: ChatGLM2Config) -> nn.Module:
+    if config.rmsnorm:
+        return RMSNorm(config.hidden_size, config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.kv_heads
+        self.head_dim = config.kv_channels
+        self.multi_query = config.multi_query_attention
+        qkv_size = (self.num_heads + 2 * self.kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(
+            config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias
+        )
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        blocked: torch.Tensor | None,
+        layer_id: int,
+        cache: KVCache | None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.query_key_value(x)
+        if self.multi_query:  # [all queries | kv_heads keys | kv_heads values]
+            d = self.head_dim
+            q, k, v = qkv.split([self.num_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+            q = q.view(b, n, self.num_heads, self.head_dim)
+            k = k.view(b, n, self.kv_heads, self.head_dim)
+            v = v.view(b, n, self.kv_heads, self.head_dim)
+        else:  # per head [q | k | v]
+            q, k, v = qkv.view(b, n, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer_id, k, v)
+        if prefix is not None:
+            k = torch.cat([prefix[0].expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].expand(b, -1, -1, -1), v], dim=2)
+        allowed = None if blocked is None else ~blocked
+        group = self.num_heads // self.kv_heads  # query head h reads key/value head h // group
+        if n == 1:
+            # one query per head: fold each group's heads into the query axis, no key/value copies
+            q = q.reshape(b, self.kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        else:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=blocked is None)
+        return self.dense(out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attention = SelfAttention(config)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        blocked: torch.Tensor | None,
+        layer_id: int,
+        cache: KVCache | None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        h = h + self.self_attention(self.input_layernorm(h), cos, sin, blocked, layer_id, cache, prefix)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.final_layernorm = _norm(config) if config.post_layer_norm else nn.Identity()
+
+
+class ChatGLMModel(nn.Module):
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        if config.pre_seq_len:
+            kv_size = config.num_layers * 2 * config.kv_heads * config.kv_channels
+            self.prefix_encoder = PrefixEncoder(
+                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        b, n = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past == 0:
+            cache.state.clear()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n, device=input_ids.device)[None].expand(b, n)
+            if past:
+                position_ids = position_ids + cache.state["position_offset"][:, None]
+        key_blocked = self._key_blocked(cache, past, n, attention_mask)
+        if cache is not None:
+            cache.state["position_offset"] = position_ids[:, -1] - (past + n - 1)
+
+        dtype = self.embedding.word_embeddings.weight.dtype
+        prefix = self._prefix(cache, dtype)
+        blocked = full_attention_blocked(n, past, key_blocked, cfg.pre_seq_len if prefix else 0, input_ids.device)
+        cos, sin = rotary_cos_sin(position_ids, cfg.kv_channels, 10000 * cfg.rope_ratio, dtype)
+
+        h = self.embedding(input_ids)
+        for i, layer in enumerate(self.encoder.layers):
+            dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
+            h = layer(
+                h.to(dev),
+                cos.to(dev),
+                sin.to(dev),
+                None if blocked is None else blocked.to(dev),
+                i,
+                cache,
+                None if prefix is None else prefix[i],
+            )
+        if cache is not None:
+            cache.advance(n)
+        return self.encoder.final_layernorm(h.to(self.output_layer.weight.device))
+
+    def _key_blocked(
+        self, cache: KVCache | None, past: int, n: int, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``[b, past+n]`` True on padding keys (from ``attention_mask``, 1 = token, or from what the
+        cache remembers of an earlier mask); None when nothing is padded."""
+        if attention_mask is not None:
+            if attention_mask.shape[1] != past + n:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, expected {past + n}")
+            key_blocked = attention_mask == 0
+            if cache is not None:
+                if "key_blocked" not in cache.state:
+                    cache.state["key_blocked"] = torch.zeros(
+                        key_blocked.shape[0], cache.max_length, dtype=torch.bool, device=key_blocked.device
+                    )
+                cache.state["key_blocked"][:, : past + n] = key_blocked
+            return key_blocked
+        if cache is not None and "key_blocked" in cache.state:
+            cache.state["key_blocked"][:, past : past + n] = False
+            return cache.state["key_blocked"][:, : past + n]
+        return None
+
+    def _prefix(self, cache: KVCache | None, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]] | None:
+        if not self.config.pre_seq_len:
+            return None
+        if cache is not None and "prefix" in cache.state:
+            return cache.state["prefix"]
+        cfg = self.config
+        kv = prefix_key_values(self.prefix_encoder, cfg.num_layers, cfg.kv_heads, cfg.kv_channels, dtype, self.training)
+        devices = [layer.input_layernorm.weight.device for layer in self.encoder.layers]
+        kv = [(k.to(dev), v.to(dev)) for (k, v), dev in zip(kv, devices, strict=True)]
+        if cache is not None:
+            cache.state["prefix"] = kv
+        return kv
+
+
+def full_attention_blocked(
+    n: int, past: int, key_blocked: torch.Tensor | None, prefix_length: int, device: torch.device
+) -> torch.Tensor | None:
+    """The reference ``get_masks``: ``[b, 1, n, prefix+past+n]`` True where a query may not attend, or
+    None where plain causal attention (or, for one query, no mask) gives the same.
+
+    Queries see the prefix, the cache and themselves causally, never padding keys; on a first pass
+    (nothing before the tokens) a padding query sees everything, as in the reference (its output is
+    never used, but the reference computes it that way).
+    """
+    before = prefix_length + past
+    if key_blocked is None:
+        if n == 1 or before == 0:
+            return None
+        return causal_blocked(n, before, None, device)
+    if prefix_length:
+        key_blocked = F.pad(key_blocked, (prefix_length, 0), value=False)
+    blocked = causal_blocked(n, before, key_blocked, device)
+    if before == 0:
+        blocked = blocked & ~key_blocked[:, None, :, None]
+    return blocked
+
+
+class ChatGLM2ForConditionalGeneration(nn.Module):
+    """ChatGLM2-6B / ChatGLM3-6B / CharacterGLM-6B with its output layer."""
+
+    supports_prefix_reuse = True
+    ignored_checkpoint_keys = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed, as the reference does
+
+    def __init__(self, config: ChatGLM2Config) -> None:
+        super().__init__()
+        unsupported = [
+            name
+            for name, ok in (
+                ("apply_residual_connection_post_layernorm", not config.apply_residual_connection_post_layernorm),
+                ("fp32_residual_connection", not config.fp32_residual_connection),
+                ("original_rope=false", config.original_rope),
+            )
+            if not ok
+        ]
+        if unsupported:
+            raise GlmkitError(f"ChatGLM2 settings not supported: {', '.join(unsupported)}")
+        self.config = config
+        self.transformer = ChatGLMModel(config)
+        self.context_length = config.seq_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        ptuning_checkpoint: str | Path | None = None,
+        num_gpus: int = 1,
+    ) -> ChatGLM2ForConditionalGeneration:
+        """Load an official checkpoint directory; ``num_gpus > 1`` spreads the layers over GPUs 0..N-1."""
+        return load_pretrained(cls, ChatGLM2Config, path, dtype, gpu_devices(device, num_gpus), ptuning_checkpoint)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.embedding.word_embeddings.weight.device
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        cfg = self.config
+        dtype = self.transformer.embedding.word_embeddings.weight.dtype
+        return allocate_cache(self.blocks, batch_size, cfg.kv_heads, max_length, cfg.kv_channels, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """Logits ``[batch, seq, vocab]``.
+
+        ``attention_mask``: ``[b, past+s]``, 1 = token, 0 = (left) padding.  ``position_ids``: ``[b, s]``;
+        without them positions count from the cache's start (plus the offset of positions given earlier).
+        """
+        h = self.transformer(input_ids, attention_mask, position_ids, cache)
+        if last_only:
+            h = h[:, -1:]
+        return CausalLMOutput(logits=self.transformer.output_layer(h))
