@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.glmkit-installed
 
-.PHONY: setup demo chat test lint clean
+.PHONY: setup demo browser test lint clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/glmkit chat
 
-test: setup
+# the browser tests drive Debian's Chromium; without root or apt they skip with a message
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "could not install chromium: browser tests will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup

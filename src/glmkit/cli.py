@@ -126,6 +126,72 @@ def chat(
     )
 
 
+def _load_for_serving(model, template, ptuning_checkpoint, device, dtype, source):
+    from glmkit.chat import load
+
+    return load(
+        model, device=device, dtype=dtype, template=template, source=source, ptuning_checkpoint=ptuning_checkpoint
+    )
+
+
+@app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="GLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health."),
+    ] = None,
+    cors: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable).")] = None,
+    web: Annotated[bool, typer.Option("--web", help="Also serve the browser chat at /web.")] = False,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Write prompt text to the access log.")] = False,
+    max_active: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 429.")] = 64,
+    template: TemplateOption = None,
+    ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    source: SourceOption = "huggingface",
+) -> None:
+    """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
+    from glmkit.serve.server import ServerOptions, run_server
+
+    chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, source)
+    run_server(
+        chat_model,
+        ServerOptions(
+            host=host,
+            port=port,
+            api_key=api_key or None,
+            cors_origins=list(cors or []),
+            web=web,
+            log_prompts=log_prompts,
+            max_active=max_active,
+            max_queue=max_queue,
+        ),
+    )
+
+
+@app.command()
+def web(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 7860,
+    template: TemplateOption = None,
+    ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    source: SourceOption = "huggingface",
+) -> None:
+    """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
+    from glmkit.web.app import run_web
+
+    run_web(_load_for_serving(model, template, ptuning_checkpoint, device, dtype, source), host=host, port=port)
+
+
 @app.command()
 def env() -> None:
     """Versions and devices, for bug reports."""
