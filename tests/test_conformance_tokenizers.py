@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from glmkit.engine.detokenizer import StreamingDetokenizer
+from glmkit.errors import GlmkitError
 from glmkit.models import load_tokenizer
 from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
 from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
@@ -201,3 +202,11 @@ def test_streaming_detokenizer_rebuilds_the_text(request, name):
     shown = "".join(stream.push(i) for i in ids) + stream.flush()
     assert "\ufffd" not in shown
     assert shown == tok.decode(ids)
+
+
+def test_unreadable_model_is_a_user_error(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(GlmkitError, match="sentencepiece"):
+        ChatGLM2Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(GlmkitError, match=r"ice_text\.model"):
+        ChatGLMTokenizer.from_pretrained(tmp_path)

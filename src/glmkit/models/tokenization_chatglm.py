@@ -69,7 +69,10 @@ class ChatGLMTokenizerBase:
         if padding_side != "left":
             raise GlmkitError(f"ChatGLM tokenizers pad on the left only, not {padding_side!r}")
         self.vocab_file = Path(vocab_file)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.vocab_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.vocab_file))
+        except (OSError, RuntimeError) as exc:
+            raise GlmkitError(f"{self.vocab_file} is not a readable sentencepiece model: {exc}") from exc
         self.padding_side = padding_side
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         # tokenizer_config.json as read, written back by save_pretrained
@@ -139,6 +142,8 @@ class ChatGLMTokenizerBase:
         return [self._token_to_id(token) for token in tokens]
 
     def convert_ids_to_tokens(self, ids: int | Any, skip_special_tokens: bool = False) -> str | list[str]:
+        if hasattr(ids, "tolist"):  # numpy / torch, scalar or not
+            ids = ids.tolist()
         if isinstance(ids, int):
             return self._id_to_token(ids)
         special = set(self.all_special_ids) if skip_special_tokens else set()
