@@ -156,6 +156,14 @@ def test_v2_has_no_role_tokens(v2):
         v2.get_command("<|user|>")
 
 
+def test_decoded_space_clean_up(v1, v3):
+    # transformers 4.30 cleaned up " ," when decoding; the ChatGLM2/3 reference switched that off
+    text = "Hello , world ."
+    assert v1.decode(v1.encode(text, add_special_tokens=False)) == "Hello, world."
+    assert v1.decode(v1.encode(text, add_special_tokens=False), clean_up_tokenization_spaces=False) == text
+    assert v3.decode(v3.encode(text, add_special_tokens=False)) == text
+
+
 def test_ids_past_the_vocabulary_read_as_nothing(v1, v3):
     # a model's padded embedding rows (65024 > 64798, 130528 > 130344) can be sampled
     assert v3.decode([36474, 64944, 54591]) == "你好"
