@@ -66,17 +66,21 @@ class ChatGLMConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+def rotary_inv_freq(head_dim: int, device: torch.device) -> torch.Tensor:
+    """Frequencies of the rotary half-heads, rounded through float16 as the reference's buffer is."""
+    dim = head_dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    return inv_freq.half().float()
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """cos/sin ``[batch, seq, 1, head_dim]`` for 2D positions ``[batch, 2, seq]``.
 
     The first half of each head rotates by the position, the second by the block position; within a
     half the frequencies repeat (rotate-half layout).  Computed in float32, then cast.
     """
-    dim = head_dim // 2
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
-    inv_freq = inv_freq.half().float()  # the reference keeps inv_freq in a float16 buffer
-    angles = position_ids.float()[..., None] * inv_freq  # [batch, 2, seq, dim/2]
-    position, block = angles.unbind(1)
+    angles = position_ids.float()[..., None] * rotary_inv_freq(head_dim, position_ids.device)
+    position, block = angles.unbind(1)  # [batch, seq, head_dim/4] each
     emb = torch.cat([position, position, block, block], dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
