@@ -1,0 +1,167 @@
+"""Plain ASGI middleware (no ``BaseHTTPMiddleware``, which gets in the way of streaming and cancellation):
+the access log, the API key, the body size limit and stopping work for clients that went away."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from glmkit.serve.errors import APIError
+
+access_log = logging.getLogger("glmkit.access")
+CLIENT_GONE = 499  # logged, never sent: nginx's code for "the client closed the request"
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in prefixes)
+
+
+async def _reject(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    await error.response()(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request: client, method, path, status, tokens, duration (prompts only if asked)."""
+
+    def __init__(self, app: ASGIApp, log_prompts: bool = False) -> None:
+        self.app = app
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # handlers note usage/prompt in request.state
+        started = time.perf_counter()
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            if state.get("client_gone"):
+                status = CLIENT_GONE
+            client = scope.get("client") or ("-", 0)
+            usage = state.get("usage")
+            line = '%s:%s "%s %s" %d tokens=%s %.3fs'
+            tokens = f"{usage[0]}+{usage[1]}" if usage else "-"
+            args = [*client, scope["method"], scope["path"], status, tokens, time.perf_counter() - started]
+            if self.log_prompts and "prompt" in state:
+                line += " prompt=%s"
+                args.append(json.dumps(state["prompt"], ensure_ascii=False))
+            access_log.info(line, *args)
+
+
+class BearerAuth:
+    """``Authorization: Bearer KEY`` on every path but the open ones, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = ()) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.open_paths = tuple(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or _under(scope["path"], self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            error = APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await _reject(scope, receive, send, error)
+
+
+class RequestBody:
+    """Read the whole body first (413 past ``max_bytes``), then run the app while watching the
+    connection: when the client goes away before the response is complete, the app is cancelled, so
+    its generation stops at once (and a queued one never starts), whatever the ASGI server does."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: Sequence[str] = ()) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt = tuple(exempt)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _under(scope["path"], self.exempt):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _reject(scope, receive, send, self._too_large())
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await _reject(scope, receive, send, self._too_large())
+                return
+            if not message.get("more_body"):
+                break
+        await self._run(scope, bytes(body), receive, send)
+
+    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+        delivered = complete = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def sending(message: Message) -> None:
+            nonlocal complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        app = asyncio.ensure_future(self.app(scope, replay, sending))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({app, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not app.done():
+                gone.set()
+                if not complete:  # (after a complete response the server reports a disconnect too)
+                    scope.setdefault("state", {})["client_gone"] = True
+                    app.cancel()
+                await asyncio.wait({app})
+            if not app.cancelled():
+                app.result()  # re-raise what the app raised
+        finally:
+            watcher.cancel()
+            app.cancel()

@@ -1,0 +1,139 @@
+"""The FastAPI app (both contracts, health, optional web page) and ``glmkit serve``'s uvicorn runner."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from glmkit.chat import ChatModel
+from glmkit.engine.scheduler import Scheduler
+from glmkit.serve import legacy, openai_api
+from glmkit.serve.backend import Backend
+from glmkit.serve.errors import install_error_handlers
+from glmkit.serve.middleware import AccessLog, BearerAuth, RequestBody
+
+log = logging.getLogger("glmkit.serve")
+WEB_PATH = "/web"
+SHUTDOWN_GRACE_SECONDS = 5  # on Ctrl-C/SIGTERM, replies still running get this long before they are cut
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    web: bool = False
+    log_prompts: bool = False
+    max_active: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+
+
+def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> FastAPI:
+    """The whole HTTP server for one loaded model; every request is generated through one scheduler."""
+    options = options or ServerOptions()
+    scheduler = Scheduler(chat_model.engine, max_active=options.max_active, max_queue=options.max_queue)
+    backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)  # joins the worker thread: not on the event loop
+
+    # no /docs: requests are parsed by hand (any Content-Type, OpenAI-style errors), so it would say little
+    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(legacy.router(backend))
+    app.include_router(openai_api.router(backend))
+
+    # The last middleware added runs first: the log sees everything (401s, 413s), CORS answers
+    # preflights (which carry no key) before the key is checked.
+    app.add_middleware(RequestBody, max_bytes=options.max_body_bytes, exempt=[WEB_PATH])
+    if options.api_key:
+        # the web page has its own login (the key as password): a browser cannot send a Bearer header
+        app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=["/health", WEB_PATH])
+    if options.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=options.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(AccessLog, log_prompts=options.log_prompts)
+    if options.web:
+        _mount_web(app, chat_model, scheduler, options.api_key)
+    return app
+
+
+def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, api_key: str | None) -> None:
+    import gradio
+
+    from glmkit.web.app import build_web
+
+    def login(_user: str, password: str) -> bool:  # any user name, the API key as password
+        return hmac.compare_digest(password.encode(), (api_key or "").encode())
+
+    blocks = build_web(chat_model, scheduler)
+    gradio.mount_gradio_app(app, blocks, path=WEB_PATH, auth=login if api_key else None, ssr_mode=False)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, plus glmkit's loggers (access log included) with a timestamp."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["glmkit"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(asctime)s %(message)s",
+        "datefmt": "%Y-%m-%d %H:%M:%S",
+    }
+    config["handlers"]["glmkit"] = {
+        "formatter": "glmkit",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["loggers"]["glmkit"] = {"handlers": ["glmkit"], "level": "INFO", "propagate": False}
+    return config
+
+
+def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
+    """Serve until Ctrl-C or SIGTERM; then running replies get a short grace and the scheduler is closed."""
+    config = uvicorn.Config(
+        create_app(chat_model, options),
+        host=options.host,
+        port=options.port,
+        access_log=False,  # glmkit's own access log has the token counts
+        log_config=_log_config(),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+    )
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    base = f"http://{host}:{options.port}"
+    log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
+    if options.web:
+        log.info("web page at %s%s/", base, WEB_PATH)
+    if not _is_loopback(options.host) and not options.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
+    uvicorn.Server(config).run()
