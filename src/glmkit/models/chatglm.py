@@ -504,7 +504,7 @@ def load_pretrained(
     model.to(dtype)
     if config.pre_seq_len:
         model.transformer.prefix_encoder.float()  # as the official P-Tuning scripts run it
-    _materialize(model, model.blocks, spread_layers(len(model.blocks), devices), devices[0])
+    materialize(model, devices)
 
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -537,17 +537,16 @@ def load_pretrained(
     return model.eval()
 
 
-def _materialize(
-    model: nn.Module, blocks: nn.ModuleList, block_devices: list[torch.device], first: torch.device
-) -> None:
-    """Allocate (uninitialised) memory for a meta-device model: block ``i`` on ``block_devices[i]``,
-    everything else on ``first``."""
+def materialize(model: nn.Module, devices: list[torch.device]) -> None:
+    """Give a meta-device model (uninitialised) memory: its blocks spread over ``devices`` as
+    ``spread_layers`` says, everything else on the first device."""
+    blocks = model.blocks
     in_blocks = {id(m) for block in blocks for m in block.modules()}
-    for block, device in zip(blocks, block_devices, strict=True):
+    for block, device in zip(blocks, spread_layers(len(blocks), devices), strict=True):
         block.to_empty(device=device)
     for module in model.modules():
         if id(module) not in in_blocks:
-            module.to_empty(device=first, recurse=False)
+            module.to_empty(device=devices[0], recurse=False)
 
 
 def _some(names: list[str]) -> str:
