@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from glmkit.engine.config import GenerationConfig, token_budget
-from glmkit.engine.detokenizer import StreamingDetokenizer
-from glmkit.engine.sampling import next_token
-from glmkit.engine.stop_strings import StopStringMatcher, cut_at_stop
+from glmkit.engine.reply import Chunk, ReplyBuilder
+from glmkit.engine.sampling import next_token, seeded_generator
+from glmkit.engine.stop_strings import cut_at_stop
 from glmkit.models.base import Cache, CausalLM
 
 
@@ -29,17 +29,6 @@ class DecodeSession:
     def reset(self) -> None:
         self.cache = None
         self.tokens = []
-
-
-@dataclass
-class Chunk:
-    """A piece of streamed reply.  The last chunk of a stream has ``finish_reason`` set."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)  # reply ids behind this piece
-    finish_reason: str | None = None  # "stop" (stop token or string) or "length" (budget spent)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass
@@ -92,9 +81,7 @@ def iter_tokens(
     budget = token_budget(len(prompt_ids), config, model.context_length)
     stops = set(stop_token_ids) | set(config.stop_token_ids)
     device = _model_device(model)
-    generator = None
-    if config.seed is not None and not config.greedy:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = seeded_generator(config, device)
     seen = torch.tensor([prompt_ids], device=device)
     cache, cached = (None, 0)
     if use_cache:
@@ -146,40 +133,30 @@ class Engine:
         self.stop_token_ids = tuple(stop_token_ids)
         self.skip_special_tokens = skip_special_tokens
 
-    def _stops(self, config: GenerationConfig) -> set[int]:
+    def stop_ids(self, config: GenerationConfig) -> set[int]:
+        """The ids that end a reply under ``config``: the template's and the request's own."""
         return set(self.stop_token_ids) | set(config.stop_token_ids)
+
+    def new_reply(self, prompt_length: int, config: GenerationConfig, context_length: int) -> ReplyBuilder:
+        """What turns one request's generated ids into chunks; raises GlmkitError if the prompt is too long."""
+        return ReplyBuilder(
+            self.tokenizer,
+            config,
+            self.stop_ids(config),
+            prompt_tokens=prompt_length,
+            budget=token_budget(prompt_length, config, context_length),
+            skip_special_tokens=self.skip_special_tokens,
+        )
 
     def stream(
         self, prompt_ids: list[int], config: GenerationConfig, session: DecodeSession | None = None
     ) -> Iterator[Chunk]:
         """Stream the reply as text pieces that never split a character or show a stop string."""
-        stops = self._stops(config)
-        detokenizer = StreamingDetokenizer(self.tokenizer, self.skip_special_tokens)
-        matcher = StopStringMatcher(config.stop)
-        ids: list[int] = []  # reply ids not yet handed out with a chunk
-        count, finish, string_hit = 0, "length", False
-        for token_id in iter_tokens(self.model, prompt_ids, config, tuple(stops), session=session):
-            count += 1
-            if token_id in stops:
-                finish = "stop"
-                break
-            ids.append(token_id)
-            text, string_hit = matcher.feed(detokenizer.push(token_id))
-            if text or string_hit:
-                yield Chunk(text, token_ids=ids)
-                ids = []
-            if string_hit:
-                finish = "stop"
-                break
-        if not string_hit:
-            text, string_hit = matcher.feed(detokenizer.flush())
-            if string_hit:
-                finish = "stop"
-            else:
-                text += matcher.flush()
-            if text or ids:
-                yield Chunk(text, token_ids=ids)
-        yield Chunk("", finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=count)
+        reply = self.new_reply(len(prompt_ids), config, self.model.context_length)
+        for token_id in iter_tokens(self.model, prompt_ids, config, tuple(reply.stop_token_ids), session=session):
+            yield from reply.push(token_id)
+            if reply.done:
+                return
 
     def generate(
         self, prompt_ids: list[int], config: GenerationConfig, session: DecodeSession | None = None

@@ -44,3 +44,10 @@ def next_token(
     logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def seeded_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """A private random stream for a request that asked for a seed, so its draws are reproducible."""
+    if config.seed is None or config.greedy:
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed)

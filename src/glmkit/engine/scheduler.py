@@ -4,6 +4,10 @@ Servers call ``submit`` (threads) or ``stream`` (asyncio).  Each request keeps i
 settings and finishes on its own; a cancelled request (a client that went away) leaves at the next
 step and frees its place.  Past ``max_active + max_queue`` requests, ``QueueFull`` is raised so the
 server can answer 429 instead of queueing without bound.
+
+Models with ``decode_rows`` (see ``models/llama.py``) decode all active requests as one batch: each
+request owns a row of one preallocated KV cache and sits at its own position.  Other models get the
+same interface with requests advanced in turn, one step each.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from glmkit.engine.config import GenerationConfig
-from glmkit.engine.generate import Chunk, Engine
+from glmkit.engine.generate import Engine
+from glmkit.engine.reply import Chunk, ReplyBuilder
+from glmkit.engine.sampling import next_token, seeded_generator
 from glmkit.errors import GlmkitError
 
 # what a request's callback receives: a chunk, an error, or None once the stream has ended
@@ -32,19 +40,39 @@ class RequestHandle:
     prompt_ids: list[int]
     config: GenerationConfig
     cancelled: threading.Event = field(default_factory=threading.Event)
-    stream: Iterator[Chunk] | None = None
+    stream: Iterator[Chunk] | None = None  # interleaved mode: the request's own decode loop
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
+@dataclass
+class _Row:
+    """A request decoding in row ``slot`` of the shared cache (batched mode)."""
+
+    handle: RequestHandle
+    reply: ReplyBuilder
+    slot: int
+    length: int  # positions of the row filled so far
+    seen: torch.Tensor  # prompt and reply ids, for the repetition penalty
+    generator: torch.Generator | None
+    last_token: int = 0
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, max_active: int = 16, max_queue: int = 64) -> None:
+    def __init__(
+        self, engine: Engine, max_active: int = 16, max_queue: int = 64, max_sequence_length: int = 4096
+    ) -> None:
         self.engine = engine
         self.max_active = max_active
         self.max_queue = max_queue
+        self.batched = hasattr(engine.model, "decode_rows")
+        #: the longest prompt + reply one request may have (a row of the batch cache holds this many)
+        self.context_length = min(engine.model.context_length, max_sequence_length)
+        self._cache = None  # allocated at the first batched request
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[RequestHandle] = []
+        self._rows: list[_Row] = []
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="glmkit-scheduler", daemon=True)
@@ -61,6 +89,7 @@ class Scheduler:
         with self._wakeup:
             if self._closed:
                 raise GlmkitError("the scheduler is shut down")
+            self._waiting = deque(h for h in self._waiting if not h.cancelled.is_set())
             if len(self._active) + len(self._waiting) >= self.max_active + self.max_queue:
                 raise QueueFull(f"{self.max_active + self.max_queue} requests are already running or queued")
             self._waiting.append(handle)
@@ -92,18 +121,42 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # -- the worker -------------------------------------------------------------------------------
-    def _admit(self) -> None:
+    def _run(self) -> None:
+        step = self._step_batched if self.batched else self._step_interleaved
+        while True:
+            admitted = self._admit()
+            with self._wakeup:
+                if self._closed:
+                    for handle in [*self._active, *self._waiting]:
+                        handle.deliver(GlmkitError("the server is shutting down"))
+                    return
+            step(admitted)
+
+    def _admit(self) -> list[RequestHandle]:
+        """Wait for work; move waiting requests into free places and return them."""
+        admitted = []
         with self._wakeup:
             while not self._closed and not self._waiting and not self._active:
                 self._wakeup.wait()
             while self._waiting and len(self._active) < self.max_active:
                 handle = self._waiting.popleft()
-                if handle.cancelled.is_set():
-                    continue
-                handle.stream = self.engine.stream(handle.prompt_ids, handle.config)
-                self._active.append(handle)
+                if not handle.cancelled.is_set():
+                    self._active.append(handle)
+                    admitted.append(handle)
+        return admitted
 
-    def _step(self, handle: RequestHandle) -> bool:
+    def _retire(self, handles: list[RequestHandle]) -> None:
+        if handles:
+            with self._wakeup:
+                self._active = [h for h in self._active if h not in handles]
+
+    # interleaved: each request runs its own loop, advanced one piece at a time in turn
+    def _step_interleaved(self, admitted: list[RequestHandle]) -> None:
+        for handle in admitted:
+            handle.stream = self.engine.stream(handle.prompt_ids, handle.config)
+        self._retire([handle for handle in list(self._active) if self._advance(handle)])
+
+    def _advance(self, handle: RequestHandle) -> bool:
         """Advance one request by one piece; return whether it has finished."""
         assert handle.stream is not None
         if handle.cancelled.is_set():
@@ -120,15 +173,73 @@ class Scheduler:
         handle.deliver(chunk)
         return chunk.finish_reason is not None
 
-    def _run(self) -> None:
-        while True:
-            self._admit()
-            with self._wakeup:
-                if self._closed:
-                    for handle in [*self._active, *self._waiting]:
-                        handle.deliver(GlmkitError("the server is shutting down"))
-                    return
-                active = list(self._active)
-            finished = [handle for handle in active if self._step(handle)]
-            with self._wakeup:
-                self._active = [h for h in self._active if h not in finished]
+    # batched: one forward pass gives every active request its next token
+    def _step_batched(self, admitted: list[RequestHandle]) -> None:
+        model = self.engine.model
+        finished: list[_Row] = []
+        with torch.inference_mode():
+            for handle in admitted:
+                row = self._prefill(handle)
+                if row is not None and self._emit(row):
+                    finished.append(row)
+            live = [r for r in self._rows if r not in finished and not r.handle.cancelled.is_set()]
+            finished += [r for r in self._rows if r.handle.cancelled.is_set()]
+            if live:
+                device = model.device
+                try:
+                    logits = model.decode_rows(
+                        torch.tensor([[r.last_token] for r in live], device=device),
+                        self._cache,
+                        torch.tensor([r.slot for r in live], device=device),
+                        torch.tensor([r.length for r in live], device=device),
+                    )
+                except Exception as exc:  # the whole batch fails together; the worker lives on
+                    for row in live:
+                        row.handle.deliver(exc)
+                    finished += live
+                else:
+                    for i, row in enumerate(live):
+                        row.length += 1
+                        self._sample(row, logits[i : i + 1])
+                        if self._emit(row):
+                            finished.append(row)
+        self._rows = [r for r in self._rows if r not in finished]
+        self._retire([r.handle for r in finished])
+
+    def _prefill(self, handle: RequestHandle) -> _Row | None:
+        """Run a new request's prompt into a free row and sample its first token."""
+        model = self.engine.model
+        try:
+            reply = self.engine.new_reply(len(handle.prompt_ids), handle.config, self.context_length)
+            if self._cache is None:
+                self._cache = model.new_cache(self.max_active, self.context_length)
+            used = {r.slot for r in self._rows}
+            slot = next(i for i in range(self.max_active) if i not in used)
+            prompt = torch.tensor([handle.prompt_ids], device=model.device)
+            logits = model(prompt, cache=self._cache.row(slot), last_only=True).logits[:, -1]
+        except Exception as exc:
+            handle.deliver(exc)
+            self._retire([handle])
+            return None
+        row = _Row(handle, reply, slot, len(handle.prompt_ids), prompt, seeded_generator(handle.config, model.device))
+        self._rows.append(row)
+        self._sample(row, logits)
+        return row
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
+        try:
+            token = next_token(logits, row.handle.config, row.seen, row.generator)
+        except Exception as exc:  # ends this request only
+            row.handle.deliver(exc)
+            row.reply.done = True
+            return
+        row.seen = torch.cat([row.seen, token[:, None]], dim=1)
+        row.last_token = int(token)
+
+    def _emit(self, row: _Row) -> bool:
+        """Hand the row's newest token to its reply; return whether the request has finished."""
+        if row.reply.done:
+            return True
+        for chunk in row.reply.push(row.last_token):
+            row.handle.deliver(chunk)
+        return row.reply.done

@@ -25,12 +25,15 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def model_family(config: dict[str, Any]) -> str:
-    """``chatglm`` (ChatGLM-6B), ``chatglm2`` (ChatGLM2/3-6B, CharacterGLM-6B) or ``hf`` (transformers)."""
+    """``chatglm`` (ChatGLM-6B), ``chatglm2`` (ChatGLM2/3-6B, CharacterGLM-6B), ``llama`` or ``hf``
+    (any other transformers causal LM)."""
     if "position_encoding_2d" in config or "inner_hidden_size" in config:
         return "chatglm"
     if "multi_query_attention" in config or "padded_vocab_size" in config:
         return "chatglm2"
-    return "hf"
+    from glmkit.models.llama import supports_natively
+
+    return "llama" if supports_natively(config) else "hf"
 
 
 def load_model(
@@ -44,9 +47,13 @@ def load_model(
     config = read_config(model_dir)
     family = model_family(config)
     device = torch.device(device)
+    if family in ("hf", "llama") and ptuning_checkpoint is not None:
+        raise GlmkitError("P-Tuning checkpoints apply to ChatGLM-family models only")
+    if family == "llama":
+        from glmkit.models.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(model_dir, config, dtype=dtype, device=device)
     if family == "hf":
-        if ptuning_checkpoint is not None:
-            raise GlmkitError("P-Tuning checkpoints apply to ChatGLM-family models only")
         from glmkit.models.hf_causal_lm import HFCausalLM
 
         return HFCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
@@ -70,7 +77,8 @@ def load_tokenizer(tokenizer_dir: str | Path):
     if (
         (tokenizer_dir / "tokenizer.model").is_file()
         and tokenizer_config.is_file()
-        and "ChatGLM" in json.loads(tokenizer_config.read_text(encoding="utf-8")).get("tokenizer_class", "")
+        and json.loads(tokenizer_config.read_text(encoding="utf-8")).get("tokenizer_class", "").lower()
+        == "chatglmtokenizer"
     ):
         from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 

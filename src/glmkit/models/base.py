@@ -97,3 +97,9 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
+
+    def row(self, index: int) -> KVCache:
+        """An empty one-row cache whose storage is row ``index`` of this one (for filling one slot)."""
+        return KVCache(
+            keys=[k[index : index + 1] for k in self.keys], values=[v[index : index + 1] for v in self.values]
+        )

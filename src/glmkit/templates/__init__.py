@@ -31,7 +31,7 @@ def detect_template(model_dir: Path, config: dict[str, Any]) -> str:
     from glmkit.models import model_family
 
     family = model_family(config)
-    if family == "hf":
+    if family not in ("chatglm", "chatglm2"):
         return "hf"
     from glmkit.templates.chatglm_detect import detect_chatglm_template
 

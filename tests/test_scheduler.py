@@ -1,0 +1,148 @@
+"""Concurrent requests through the scheduler: batched rows (native Llama) and interleaved (others)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+
+from glmkit.engine import Engine, GenerationConfig
+from glmkit.engine.scheduler import QueueFull, Scheduler
+from glmkit.errors import GlmkitError
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is the capital of Germany?",
+    "Name a primary colour.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "What is the largest planet?",
+]
+
+
+def collect(scheduler: Scheduler, prompt_ids: list[int], config: GenerationConfig, timeout: float = 120):
+    """Submit one request and wait for its whole reply; returns (text, final chunk)."""
+    inbox: queue.Queue = queue.Queue()
+    scheduler.submit(prompt_ids, config, inbox.put)
+    text = ""
+    while True:
+        item = inbox.get(timeout=timeout)
+        if item is None:
+            raise AssertionError("stream ended without a final chunk")
+        if isinstance(item, BaseException):
+            raise item
+        text += item.text
+        if item.finish_reason:
+            return text, item
+
+
+def run_concurrently(scheduler, jobs):
+    results: dict[int, object] = {}
+
+    def worker(i, prompt_ids, config):
+        try:
+            results[i] = collect(scheduler, prompt_ids, config)[0]
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return [results[i] for i in range(len(jobs))]
+
+
+@pytest.fixture(scope="module")
+def demo_engine(demo_chat):
+    assert hasattr(demo_chat.model, "decode_rows"), "the demo model should run on the native batched family"
+    return demo_chat.engine
+
+
+def prompt(demo_chat, question):
+    return demo_chat.encode(demo_chat.build_messages(question))
+
+
+def test_batched_greedy_equals_single_requests(demo_chat, demo_engine):
+    config = GenerationConfig(do_sample=False, max_new_tokens=24)
+    prompts = [prompt(demo_chat, q) for q in QUESTIONS]
+    alone = [demo_engine.generate(p, config).text for p in prompts]
+    scheduler = Scheduler(demo_engine, max_active=4, max_queue=8)
+    try:
+        together = run_concurrently(scheduler, [(p, config) for p in prompts])
+    finally:
+        scheduler.close()
+    assert [t.strip() for t in together] == [a.strip() for a in alone]
+    assert "Paris" in together[0]
+
+
+def test_each_request_keeps_its_own_sampling_settings(demo_chat, demo_engine):
+    p = prompt(demo_chat, "Write a line about the sea.")
+    seeded = GenerationConfig(temperature=1.0, top_p=0.95, seed=11, max_new_tokens=16)
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=16, stop=("the",))
+    scheduler = Scheduler(demo_engine, max_active=4)
+    try:
+        first = run_concurrently(scheduler, [(p, seeded), (p, greedy), (p, seeded.updated(max_new_tokens=4))])
+        second = run_concurrently(scheduler, [(p, seeded)])
+    finally:
+        scheduler.close()
+    assert first[0] == second[0], "a seeded request samples the same whatever runs beside it"
+    assert "the" not in first[1]
+    assert len(demo_chat.tokenizer(first[2], add_special_tokens=False)["input_ids"]) <= 5
+
+
+def test_cancel_frees_the_slot_and_queue_limit(demo_chat, demo_engine):
+    long = GenerationConfig(do_sample=False, max_new_tokens=400)
+    p = prompt(demo_chat, "Write a long story about a dragon.")
+    scheduler = Scheduler(demo_engine, max_active=1, max_queue=1)
+    try:
+        inbox: queue.Queue = queue.Queue()
+        handle = scheduler.submit(p, long, inbox.put)
+        inbox.get(timeout=60)  # it is running
+        scheduler.submit(p, long, lambda item: None).cancel()  # a cancelled waiting request leaves the queue
+        queued = scheduler.submit(p, long, lambda item: None)
+        with pytest.raises(QueueFull):
+            scheduler.submit(p, long, lambda item: None)
+        queued.cancel()
+        handle.cancel()
+        start = time.monotonic()
+        text, final = collect(scheduler, prompt(demo_chat, "What is the capital of France?"), GenerationConfig(
+            do_sample=False, max_new_tokens=12
+        ))
+        assert "Paris" in text and final.finish_reason in ("stop", "length")
+        assert time.monotonic() - start < 60
+        assert scheduler.load == (0, 0)
+    finally:
+        scheduler.close()
+
+
+def test_bad_request_does_not_kill_the_worker(demo_chat, demo_engine):
+    scheduler = Scheduler(demo_engine, max_active=2, max_sequence_length=64)
+    try:
+        with pytest.raises(GlmkitError, match="context window is 64"):
+            collect(scheduler, list(range(100, 200)), GenerationConfig(max_new_tokens=4))
+        text, _ = collect(scheduler, prompt(demo_chat, "What is the capital of France?"), GenerationConfig(
+            do_sample=False, max_new_tokens=10
+        ))
+        assert "Paris" in text
+    finally:
+        scheduler.close()
+
+
+def test_interleaved_mode_for_models_without_row_decoding(tiny_llama):
+    class ByteTokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    engine = Engine(tiny_llama, ByteTokenizer())
+    scheduler = Scheduler(engine, max_active=3)
+    assert not scheduler.batched
+    config = GenerationConfig(do_sample=False, max_new_tokens=10)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    try:
+        together = run_concurrently(scheduler, [(p, config) for p in prompts])
+    finally:
+        scheduler.close()
+    assert together == [engine.generate(p, config).text for p in prompts]
