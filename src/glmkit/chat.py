@@ -174,13 +174,20 @@ def load(
     source: str = "huggingface",
     revision: str | None = None,
     ptuning_checkpoint: str | Path | None = None,
+    num_gpus: int = 1,
 ) -> ChatModel:
-    """Load a chat model: a local directory, a hub id, or (no argument) the bundled demo model."""
+    """Load a chat model: a local directory, a hub id, or (no argument) the bundled demo model.
+
+    ``ptuning_checkpoint`` puts a P-Tuning v2 prefix encoder over a ChatGLM model; ``num_gpus`` splits a
+    ChatGLM model's layers over that many CUDA GPUs.
+    """
     model_dir = resolve_model(model, source=source, revision=revision)
     config = read_config(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    network = load_model(model_dir, dtype=torch_dtype, device=torch_device, ptuning_checkpoint=ptuning_checkpoint)
+    network = load_model(
+        model_dir, dtype=torch_dtype, device=torch_device, ptuning_checkpoint=ptuning_checkpoint, num_gpus=num_gpus
+    )
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))
     name = str(model) if model is not None else DEMO_MODEL_NAME

@@ -25,6 +25,7 @@ ModelOption = Annotated[
 SourceOption = Annotated[str, typer.Option(help="Where hub ids come from: huggingface or modelscope.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
+NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
@@ -80,6 +81,7 @@ def chat(
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    num_gpus: NumGpusOption = 1,
     source: SourceOption = "huggingface",
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
@@ -99,6 +101,7 @@ def chat(
         template=template or ("characterglm" if card else None),
         source=source,
         ptuning_checkpoint=ptuning_checkpoint,
+        num_gpus=num_gpus,
     )
     options: dict[str, Any] = {
         "system": system,
@@ -126,11 +129,17 @@ def chat(
     )
 
 
-def _load_for_serving(model, template, ptuning_checkpoint, device, dtype, source):
+def _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source):
     from glmkit.chat import load
 
     return load(
-        model, device=device, dtype=dtype, template=template, source=source, ptuning_checkpoint=ptuning_checkpoint
+        model,
+        device=device,
+        dtype=dtype,
+        template=template,
+        source=source,
+        ptuning_checkpoint=ptuning_checkpoint,
+        num_gpus=num_gpus,
     )
 
 
@@ -154,12 +163,13 @@ def serve(
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    num_gpus: NumGpusOption = 1,
     source: SourceOption = "huggingface",
 ) -> None:
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, source)
+    chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
     run_server(
         chat_model,
         ServerOptions(
@@ -184,12 +194,14 @@ def web(
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    num_gpus: NumGpusOption = 1,
     source: SourceOption = "huggingface",
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
     from glmkit.web.app import run_web
 
-    run_web(_load_for_serving(model, template, ptuning_checkpoint, device, dtype, source), host=host, port=port)
+    chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    run_web(chat_model, host=host, port=port)
 
 
 @app.command()

@@ -41,14 +41,20 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     ptuning_checkpoint: str | Path | None = None,
+    num_gpus: int = 1,
 ):
-    """A model module following ``glmkit.models.base.CausalLM``, in eval mode on ``device``."""
+    """A model module following ``glmkit.models.base.CausalLM``, in eval mode on ``device``.
+
+    ``num_gpus > 1`` spreads a ChatGLM model's layers over GPUs 0..N-1 (embeddings and head on the first).
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family = model_family(config)
     device = torch.device(device)
     if family in ("hf", "llama") and ptuning_checkpoint is not None:
         raise GlmkitError("P-Tuning checkpoints apply to ChatGLM-family models only")
+    if family in ("hf", "llama") and num_gpus > 1:
+        raise GlmkitError("splitting a model over several GPUs (num_gpus) is available for ChatGLM models only")
     if family == "llama":
         from glmkit.models.llama import LlamaForCausalLM
 
@@ -62,7 +68,7 @@ def load_model(
     else:
         from glmkit.models.chatglm2 import ChatGLM2ForConditionalGeneration as family_class
     return family_class.from_pretrained(
-        model_dir, dtype=dtype, device=device, ptuning_checkpoint=ptuning_checkpoint
+        model_dir, dtype=dtype, device=device, ptuning_checkpoint=ptuning_checkpoint, num_gpus=num_gpus
     )
 
 
