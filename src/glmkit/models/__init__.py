@@ -24,6 +24,9 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise GlmkitError(f"{path} is not valid JSON: {exc}") from exc
 
 
+CHATGLM_FAMILIES = ("chatglm", "chatglm2")
+
+
 def model_family(config: dict[str, Any]) -> str:
     """``chatglm`` (ChatGLM-6B), ``chatglm2`` (ChatGLM2/3-6B, CharacterGLM-6B), ``llama`` or ``hf``
     (any other transformers causal LM)."""
@@ -89,6 +92,11 @@ def load_tokenizer(tokenizer_dir: str | Path):
         from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 
         return ChatGLM2Tokenizer.from_pretrained(tokenizer_dir)
+    if (tokenizer_dir / "config.json").is_file() and model_family(read_config(tokenizer_dir)) in CHATGLM_FAMILIES:
+        raise GlmkitError(
+            f"{tokenizer_dir} is a ChatGLM checkpoint without its tokenizer: it needs ice_text.model (ChatGLM-6B) "
+            "or tokenizer.model with tokenizer_config.json (ChatGLM2/3, CharacterGLM)"
+        )
     from transformers import AutoTokenizer
 
     try:

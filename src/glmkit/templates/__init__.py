@@ -28,10 +28,10 @@ def get_template(name: str) -> ChatTemplate:
 
 def detect_template(model_dir: Path, config: dict[str, Any]) -> str:
     """The template a checkpoint was trained with, from its config and tokenizer files."""
-    from glmkit.models import model_family
+    from glmkit.models import CHATGLM_FAMILIES, model_family
 
     family = model_family(config)
-    if family not in ("chatglm", "chatglm2"):
+    if family not in CHATGLM_FAMILIES:
         return "hf"
     from glmkit.templates.chatglm_detect import detect_chatglm_template
 
