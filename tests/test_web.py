@@ -134,18 +134,25 @@ class ScriptedScheduler:
     """Stands in for the Scheduler: answers with a set text in small pieces, or raises a set error,
     and keeps the prompts it was given."""
 
+    context_length = 2048
+
     def __init__(self) -> None:
         self.reply: str | Exception = "ok"
+        self.pause = 0.01  # seconds between pieces
         self.prompts: list[list[int]] = []
+        self.ended = 0  # streams that are over, finished or cancelled
 
     async def stream(self, prompt_ids: list[int], config: GenerationConfig) -> AsyncIterator[Chunk]:
         self.prompts.append(prompt_ids)
-        if isinstance(self.reply, Exception):
-            raise self.reply
-        for start in range(0, len(self.reply), 8):
-            await asyncio.sleep(0.01)
-            yield Chunk(self.reply[start : start + 8])
-        yield Chunk("", finish_reason="stop")
+        try:
+            if isinstance(self.reply, Exception):
+                raise self.reply
+            for start in range(0, len(self.reply), 8):
+                await asyncio.sleep(self.pause)
+                yield Chunk(self.reply[start : start + 8])
+            yield Chunk("", finish_reason="stop")
+        finally:
+            self.ended += 1
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +317,30 @@ def test_errors_are_warnings_in_the_page(mounted, page):
 
 
 @needs_chromium
+def test_stop_cancels_the_reply_and_keeps_what_was_shown(mounted, demo_chat, page):
+    base, scripted, _ = mounted
+    scripted.reply, scripted.pause = "word " * 400, 0.1  # 40 s if nothing stops it
+    open_chat(page, f"{base}/scripted/")
+    ended = scripted.ended
+    page.fill("#message textarea", "Talk for a long time")
+    page.press("#message textarea", "Enter")
+    page.get_by_text("word word word").wait_for()
+    page.click("#stop")
+    page.wait_for_selector(CHAT_IDLE, state="attached", timeout=10_000)
+    deadline = time.monotonic() + 10
+    while scripted.ended == ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scripted.ended == ended + 1, "the scheduler's stream was not closed"
+    shown = messages(page, "bot")[-1]
+    time.sleep(0.5)
+    assert messages(page, "bot")[-1] == shown and 0 < len(shown) < len(scripted.reply.strip())
+    scripted.reply, scripted.pause = "next answer", 0.01
+    send(page, "Go on")
+    assert messages(page, "bot") == [shown, "next answer"]  # the cut reply stays in the conversation
+    assert shown.strip() in demo_chat.tokenizer.decode(scripted.prompts[-1])  # and the model reads it
+
+
+@needs_chromium
 def test_html_in_replies_is_shown_as_text(mounted, page):
     base, scripted, _ = mounted
     scripted.reply = (
@@ -330,7 +361,7 @@ def test_html_in_replies_is_shown_as_text(mounted, page):
 
 
 @needs_chromium
-def test_character_card_greets_and_shapes_the_prompt(mounted, demo_chat, page):
+def test_character_card_greets_and_shapes_the_prompt(mounted, demo_chat, page, tmp_path):
     base, _, character = mounted
     first, second = EXAMPLE_CARDS.values()
     open_chat(page, f"{base}/character/")
@@ -351,4 +382,11 @@ def test_character_card_greets_and_shapes_the_prompt(mounted, demo_chat, page):
     page.click("#clear")
     page.get_by_text("怀表在书房。").wait_for(state="detached")
     assert messages(page, "bot") == [second["greeting"]]
+
+    card = tmp_path / "card.json"
+    card.write_text('{"bot_name": "Ada", "user_name": "Bob", "greeting": "Hello, Bob."}', encoding="utf-8")
+    page.locator("input[type=file]").set_input_files(card)
+    page.get_by_text("Hello, Bob.").wait_for()
+    assert messages(page, "bot") == ["Hello, Bob."]
+    assert page.get_by_label("bot_info").input_value() == ""  # fields the file leaves out are emptied
     assert page.outside == []

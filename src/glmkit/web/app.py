@@ -68,7 +68,7 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
     """The chat page for ``chat_model``; every reply is generated through ``scheduler``."""
     is_character = chat_model.template.name == "characterglm"
     defaults = chat_model.generation_config
-    context = chat_model.model.context_length
+    context = scheduler.context_length  # the longest prompt + reply the scheduler serves
     first_card = next(iter(EXAMPLE_CARDS.values())) if is_character else dict.fromkeys(CARD_FIELDS, "")
 
     async def respond(
@@ -158,7 +158,7 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
                 max_length = gr.Slider(
                     1,
                     context,
-                    value=defaults.max_length or context,
+                    value=min(defaults.max_length or context, context),
                     step=1,
                     label="Max length (prompt + reply)",
                     elem_id="max_length",
