@@ -407,9 +407,10 @@ def prefix_tensors(family: str, pre_seq_len: int, projection: bool, seed: int = 
     p = "transformer.prefix_encoder."
     if not projection:
         return {p + "embedding.weight": rand(pre_seq_len, kv_size)}
+    width = hidden if family == "v1" else kv_size  # the official encoders differ here
     return {
-        p + "embedding.weight": rand(pre_seq_len, hidden),
-        p + "trans.0.weight": rand(hidden, hidden, scale=0.3),
+        p + "embedding.weight": rand(pre_seq_len, width),
+        p + "trans.0.weight": rand(hidden, width, scale=0.3),
         p + "trans.0.bias": rand(hidden, scale=0.1),
         p + "trans.2.weight": rand(kv_size, hidden, scale=0.5),
         p + "trans.2.bias": rand(kv_size, scale=0.1),
@@ -481,6 +482,15 @@ def test_ptuning_with_projection_official_checkpoint(models, family, tmp_path):
     assert generate_tokens(tuned, prompt, config, use_cache=True) == generate_tokens(
         tuned, prompt, config, use_cache=False
     )
+
+    # the MLP is embedding -> trans.0 -> tanh -> trans.2: a plain prefix holding its output is the same
+    p = "transformer.prefix_encoder."
+    hidden = torch.tanh(tensors[p + "embedding.weight"] @ tensors[p + "trans.0.weight"].T + tensors[p + "trans.0.bias"])
+    plain = {p + "embedding.weight": hidden @ tensors[p + "trans.2.weight"].T + tensors[p + "trans.2.bias"]}
+    unrolled = MODEL_CLASS[family].from_pretrained(
+        CHECKPOINT[family], ptuning_checkpoint=write_ptuning_dir(tmp_path / "plain", plain, official_layout=False)
+    )
+    assert torch.allclose(forward(unrolled, [prompt]), logits, atol=1e-4, rtol=1e-4)
 
 
 def test_ptuning_left_padded_batch_matches_single_rows(tmp_path):

@@ -102,14 +102,18 @@ def causal_blocked(n: int, past: int, key_blocked: torch.Tensor | None, device: 
 
 
 class PrefixEncoder(nn.Module):
-    """P-Tuning v2: ``pre_seq_len`` trained key/value vectors for every layer (optionally through an MLP)."""
+    """P-Tuning v2: ``pre_seq_len`` trained key/value vectors for every layer, optionally made by an MLP
+    ``embedding -> Linear(embedding_size, hidden) -> Tanh -> Linear(hidden, kv_size)`` (the embedding is
+    ``hidden_size`` wide in ChatGLM-6B, ``kv_size`` wide in ChatGLM2/3)."""
 
-    def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool) -> None:
+    def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, embedding_size: int):
         super().__init__()
         self.projection = projection
         if projection:
-            self.embedding = nn.Embedding(pre_seq_len, hidden_size)
-            self.trans = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size))
+            self.embedding = nn.Embedding(pre_seq_len, embedding_size)
+            self.trans = nn.Sequential(
+                nn.Linear(embedding_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size)
+            )
         else:
             self.embedding = nn.Embedding(pre_seq_len, kv_size)
 
@@ -216,7 +220,7 @@ class ChatGLMModel(nn.Module):
         if config.pre_seq_len:
             kv_size = config.num_layers * 2 * config.hidden_size
             self.prefix_encoder = PrefixEncoder(
-                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection
+                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection, config.hidden_size
             )
 
     def build_masks_and_positions(

@@ -226,7 +226,7 @@ class ChatGLMModel(nn.Module):
         if config.pre_seq_len:
             kv_size = config.num_layers * 2 * config.kv_heads * config.kv_channels
             self.prefix_encoder = PrefixEncoder(
-                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection
+                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection, kv_size
             )
 
     def forward(
