@@ -503,6 +503,23 @@ def test_ptuning_left_padded_batch_matches_single_rows(tmp_path):
     assert torch.allclose(batch[0, -1], alone[0, -1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["v1", "v3"])
+def test_ptuning_trains_the_prefix_with_dropout(family, tmp_path):
+    tuned = (
+        MODEL_CLASS[family]
+        .from_pretrained(
+            CHECKPOINT[family], ptuning_checkpoint=write_ptuning_dir(tmp_path, prefix_tensors(family, 2, True), False)
+        )
+        .train()
+    )
+    name = "single_nihao" if family == "v1" else "single_nihao_input_ids_only"
+    ids = torch.tensor(case_of(family, name)["input_ids"] * 2)
+    logits = tuned(ids).logits
+    assert not torch.allclose(logits[0], logits[1])  # dropout drawn for every row, as the official get_prompt
+    logits.float().logsumexp(-1).mean().backward()
+    assert tuned.transformer.prefix_encoder.trans[0].weight.grad is not None
+
+
 def test_ptuning_half_model_keeps_the_prefix_encoder_in_float32(tmp_path):
     tuned = ChatGLMForConditionalGeneration.from_pretrained(
         CHECKPOINT["v1"],

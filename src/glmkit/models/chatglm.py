@@ -106,7 +106,7 @@ class PrefixEncoder(nn.Module):
     ``embedding -> Linear(embedding_size, hidden) -> Tanh -> Linear(hidden, kv_size)`` (the embedding is
     ``hidden_size`` wide in ChatGLM-6B, ``kv_size`` wide in ChatGLM2/3)."""
 
-    def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, embedding_size: int):
+    def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, embedding_size: int) -> None:
         super().__init__()
         self.projection = projection
         if projection:
@@ -123,15 +123,22 @@ class PrefixEncoder(nn.Module):
 
 
 def prefix_key_values(
-    encoder: PrefixEncoder, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, training: bool
+    encoder: PrefixEncoder,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    training: bool,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(key, value)`` ``[1, kv_heads, pre_seq_len, head_dim]``, laid out as the official
-    ``get_prompt`` reads the encoder output: ``[pre_seq_len, layer, key|value, head, head_dim]``."""
+    """Per layer ``(key, value)`` ``[1 | batch, kv_heads, pre_seq_len, head_dim]``, laid out as the
+    official ``get_prompt`` reads the encoder output: ``[pre_seq_len, layer, key|value, head, head_dim]``."""
     weight = encoder.embedding.weight
     tokens = torch.arange(weight.shape[0], device=weight.device)
     kv = encoder(tokens).to(dtype).view(1, -1, num_layers * 2, kv_heads, head_dim)
-    kv = F.dropout(kv, p=0.1, training=training)  # the official P-Tuning v2 recipe trains with it
-    kv = kv.permute(2, 0, 3, 1, 4)  # [layer*2, 1, kv_heads, pre_seq_len, head_dim]
+    if training:  # the official recipe trains with dropout on the prefix, drawn for every row
+        kv = F.dropout(kv.expand(batch_size, -1, -1, -1, -1), p=0.1, training=True)
+    kv = kv.permute(2, 0, 3, 1, 4)  # [layer*2, 1 | batch, kv_heads, pre_seq_len, head_dim]
     return [(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)]
 
 
@@ -272,7 +279,7 @@ class ChatGLMModel(nn.Module):
             self._remember(cache, past, n, blocked if attention_mask is not None else None, position_ids)
 
         dtype = self.word_embeddings.weight.dtype
-        prefix = self._prefix(cache, dtype)
+        prefix = self._prefix(cache, b, dtype)
         if prefix is not None and blocked is not None:
             blocked = F.pad(blocked, (self.config.pre_seq_len, 0), value=False)  # everyone sees the prefix
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, dtype)
@@ -348,14 +355,16 @@ class ChatGLMModel(nn.Module):
                 )
             state["key_blocked"][:, : past + n] = blocked[:, 0, -1, :]
 
-    def _prefix(self, cache: KVCache | None, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]] | None:
+    def _prefix(
+        self, cache: KVCache | None, batch_size: int, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, ...]] | None:
         if not self.config.pre_seq_len:
             return None
         if cache is not None and "prefix" in cache.state:
             return cache.state["prefix"]
         cfg = self.config
         kv = prefix_key_values(
-            self.prefix_encoder, cfg.num_layers, cfg.num_attention_heads, cfg.head_dim, dtype, self.training
+            self.prefix_encoder, cfg.num_layers, cfg.num_attention_heads, cfg.head_dim, dtype, batch_size, self.training
         )
         kv = [(k.to(dev), v.to(dev)) for (k, v), dev in zip(kv, _layer_devices(self.layers), strict=True)]
         if cache is not None:

@@ -250,7 +250,7 @@ class ChatGLMModel(nn.Module):
             cache.state["position_offset"] = position_ids[:, -1] - (past + n - 1)
 
         dtype = self.embedding.word_embeddings.weight.dtype
-        prefix = self._prefix(cache, dtype)
+        prefix = self._prefix(cache, b, dtype)
         blocked = full_attention_blocked(n, past, key_blocked, cfg.pre_seq_len if prefix else 0, input_ids.device)
         cos, sin = rotary_cos_sin(position_ids, cfg.kv_channels, 10000 * cfg.rope_ratio, dtype)
 
@@ -291,13 +291,17 @@ class ChatGLMModel(nn.Module):
             return cache.state["key_blocked"][:, : past + n]
         return None
 
-    def _prefix(self, cache: KVCache | None, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]] | None:
+    def _prefix(
+        self, cache: KVCache | None, batch_size: int, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, ...]] | None:
         if not self.config.pre_seq_len:
             return None
         if cache is not None and "prefix" in cache.state:
             return cache.state["prefix"]
         cfg = self.config
-        kv = prefix_key_values(self.prefix_encoder, cfg.num_layers, cfg.kv_heads, cfg.kv_channels, dtype, self.training)
+        kv = prefix_key_values(
+            self.prefix_encoder, cfg.num_layers, cfg.kv_heads, cfg.kv_channels, dtype, batch_size, self.training
+        )
         devices = [layer.input_layernorm.weight.device for layer in self.encoder.layers]
         kv = [(k.to(dev), v.to(dev)) for (k, v), dev in zip(kv, devices, strict=True)]
         if cache is not None:
