@@ -341,6 +341,24 @@ def test_stop_cancels_the_reply_and_keeps_what_was_shown(mounted, demo_chat, pag
 
 
 @needs_chromium
+def test_two_tabs_are_answered_at_once(mounted, page):
+    base, scripted, _ = mounted
+    scripted.reply, scripted.pause = "tick " * 30, 0.1  # 2 s of streaming per reply
+    other = page.context.new_page()
+    for tab in (page, other):
+        open_chat(tab, f"{base}/scripted/")
+    for tab in (page, other):
+        tab.fill("#message textarea", "Count")
+        tab.press("#message textarea", "Enter")
+    for tab in (page, other):  # both stream before either has finished: Gradio's queue does not serialize them
+        tab.get_by_text("tick tick").wait_for()
+    assert all(
+        len(tab.locator("[data-testid=bot]").last.inner_text()) < len(scripted.reply.strip()) for tab in (page, other)
+    )
+    scripted.pause = 0.01
+
+
+@needs_chromium
 def test_html_in_replies_is_shown_as_text(mounted, page):
     base, scripted, _ = mounted
     scripted.reply = (

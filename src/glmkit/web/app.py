@@ -199,7 +199,17 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
 def run_web(chat_model: ChatModel, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the chat page alone (``glmkit web``) until interrupted."""
     scheduler = Scheduler(chat_model.engine)
+    page = build_web(chat_model, scheduler)
     try:
-        build_web(chat_model, scheduler).launch(server_name=host, server_port=port, share=False, ssr_mode=False)
+        # quiet: Gradio's own banner suggests share links, which glmkit never opens
+        try:
+            page.launch(
+                server_name=host, server_port=port, share=False, ssr_mode=False, quiet=True, prevent_thread_lock=True
+            )
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            raise GlmkitError(f"cannot serve the page on {host}:{port}; choose another with --port or --host") from exc
+        print(f"glmkit web: {chat_model.name} at {page.local_url} (Ctrl-C to stop)", flush=True)
+        page.block_thread()
     finally:
+        page.close()
         scheduler.close()
