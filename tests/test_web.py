@@ -359,6 +359,18 @@ def test_two_tabs_are_answered_at_once(mounted, page):
 
 
 @needs_chromium
+def test_an_empty_reply_is_a_turn_of_the_conversation(mounted, demo_chat, page):
+    base, scripted, _ = mounted
+    open_chat(page, f"{base}/scripted/")
+    scripted.reply = ""
+    send(page, "first")
+    scripted.reply = "second"
+    send(page, "again")
+    earlier = [{"role": "user", "content": "first"}, {"role": "assistant", "content": ""}]
+    assert scripted.prompts[-1] == demo_chat.encode(demo_chat.build_messages("again", earlier))
+
+
+@needs_chromium
 def test_html_in_replies_is_shown_as_text(mounted, page):
     base, scripted, _ = mounted
     scripted.reply = (

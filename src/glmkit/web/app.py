@@ -102,8 +102,8 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
         text = ""
         try:
             async for chunk in scheduler.stream(prompt_ids, config):
-                if chunk.text:
-                    text += chunk.text
+                text += chunk.text
+                if chunk.text or chunk.finish_reason:  # at the end too: an empty reply is still a turn
                     _, reply = chat_model.template.postprocess(text, messages)
                     # the textbox is left alone now: the user may already be typing the next message
                     yield gr.skip(), render([*turn, *reply], greeting), [*turn, *reply]
