@@ -24,8 +24,9 @@ import pytest
 from glmkit.engine import Chunk, GenerationConfig
 from glmkit.engine.scheduler import QueueFull
 from glmkit.errors import GlmkitError
+from glmkit.templates.characterglm import read_card
 from glmkit.web.app import render, safe_markdown
-from glmkit.web.character_cards import EXAMPLE_CARDS, read_card
+from glmkit.web.character_cards import EXAMPLE_CARDS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

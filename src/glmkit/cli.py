@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
@@ -48,19 +47,6 @@ def main_options(
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
 
 
-def _read_character(path: Path | None) -> dict[str, str] | None:
-    if path is None:
-        return None
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GlmkitError(f"cannot read the character card {path}: {exc}") from exc
-    required = ("bot_name", "user_name")
-    if not isinstance(card, dict) or any(not isinstance(card.get(k), str) or not card[k] for k in required):
-        raise GlmkitError(f"{path}: a character card is a JSON object with at least {' and '.join(required)}")
-    return {k: str(v) for k, v in card.items()}
-
-
 @app.command()
 def chat(
     model: ModelOption = None,
@@ -87,8 +73,9 @@ def chat(
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
     from glmkit.chat import load
     from glmkit.repl import run_repl, stream_answer
+    from glmkit.templates.characterglm import read_card
 
-    card = _read_character(character)
+    card = read_card(character) if character else None
     piped = query is None and not sys.stdin.isatty()
     if piped:
         query = sys.stdin.read().strip()

@@ -14,11 +14,27 @@ The model ends a turn with a line break, so the newline piece stops generation.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from glmkit.errors import GlmkitError
 from glmkit.templates.base import Message
 from glmkit.templates.chatglm2 import strip_reply
+
+CARD_FIELDS = ("bot_name", "user_name", "bot_info", "user_info", "greeting")
+REQUIRED_FIELDS = ("bot_name", "user_name")
+
+
+def read_card(path: str | Path) -> dict[str, str]:
+    """A character card from a JSON file: an object with string fields, at least bot_name and user_name."""
+    try:
+        card = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GlmkitError(f"cannot read the character card {path}: {exc}") from exc
+    if not isinstance(card, dict) or any(not isinstance(card.get(k), str) or not card[k] for k in REQUIRED_FIELDS):
+        raise GlmkitError(f"{path}: a character card is a JSON object with at least {' and '.join(REQUIRED_FIELDS)}")
+    return {field: str(card.get(field) or "") for field in CARD_FIELDS}
 
 
 class CharacterGLMTemplate:

@@ -18,7 +18,8 @@ from glmkit.chat import ChatModel
 from glmkit.engine.scheduler import QueueFull, Scheduler
 from glmkit.errors import GlmkitError
 from glmkit.templates import Message
-from glmkit.web.character_cards import CARD_FIELDS, EXAMPLE_CARDS, read_card
+from glmkit.templates.characterglm import CARD_FIELDS, read_card
+from glmkit.web.character_cards import EXAMPLE_CARDS
 
 # Fenced code blocks (closed, or still open while a reply streams) and inline code spans.
 _CODE = re.compile(

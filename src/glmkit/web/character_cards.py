@@ -1,14 +1,6 @@
-"""CharacterGLM character cards for the page: the fields, a few examples, and reading a card file."""
+"""Example CharacterGLM character cards for the page's picker."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-
-from glmkit.errors import GlmkitError
-
-CARD_FIELDS = ("bot_name", "user_name", "bot_info", "user_info", "greeting")
-REQUIRED_FIELDS = ("bot_name", "user_name")
 
 # Examples so the picker works out of the box; CharacterGLM is trained on Chinese role-play.
 EXAMPLE_CARDS: dict[str, dict[str, str]] = {
@@ -27,14 +19,3 @@ EXAMPLE_CARDS: dict[str, dict[str, str]] = {
         "greeting": "请坐。说说看，那块怀表最后一次出现是在什么时候？",
     },
 }
-
-
-def read_card(path: str | Path) -> dict[str, str]:
-    """A card from a JSON file: an object with string fields, at least bot_name and user_name."""
-    try:
-        card = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GlmkitError(f"cannot read the character card: {exc}") from exc
-    if not isinstance(card, dict) or any(not isinstance(card.get(k), str) or not card[k] for k in REQUIRED_FIELDS):
-        raise GlmkitError(f"a character card is a JSON object with at least {' and '.join(REQUIRED_FIELDS)}")
-    return {field: str(card.get(field) or "") for field in CARD_FIELDS}
