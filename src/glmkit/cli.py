@@ -24,6 +24,8 @@ ModelOption = Annotated[
 SourceOption = Annotated[str, typer.Option(help="Where hub ids come from: huggingface or modelscope.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
+MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
+MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
@@ -144,8 +146,8 @@ def serve(
     cors: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable).")] = None,
     web: Annotated[bool, typer.Option("--web", help="Also serve the browser chat at /web.")] = False,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Write prompt text to the access log.")] = False,
-    max_active: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 16,
-    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 429.")] = 64,
+    max_active: MaxActiveOption = 16,
+    max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
@@ -177,6 +179,8 @@ def web(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 7860,
+    max_active: MaxActiveOption = 16,
+    max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
@@ -188,7 +192,7 @@ def web(
     from glmkit.web.app import run_web
 
     chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
-    run_web(chat_model, host=host, port=port)
+    run_web(chat_model, host=host, port=port, max_active=max_active, max_queue=max_queue)
 
 
 @app.command()

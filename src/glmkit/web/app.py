@@ -197,9 +197,11 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
     return page
 
 
-def run_web(chat_model: ChatModel, host: str = "127.0.0.1", port: int = 7860) -> None:
+def run_web(
+    chat_model: ChatModel, host: str = "127.0.0.1", port: int = 7860, max_active: int = 16, max_queue: int = 64
+) -> None:
     """Serve the chat page alone (``glmkit web``) until interrupted."""
-    scheduler = Scheduler(chat_model.engine)
+    scheduler = Scheduler(chat_model.engine, max_active=max_active, max_queue=max_queue)
     page = build_web(chat_model, scheduler)
     try:
         # quiet: Gradio's own banner suggests share links, which glmkit never opens
