@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from glmkit.engine import GenerationConfig, generate_tokens
-from glmkit.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, materialize
+from glmkit.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+from glmkit.models.loading import materialize
 
 FULL_SIZE = {
     "chatglm3-6b": (

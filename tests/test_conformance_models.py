@@ -17,14 +17,10 @@ from safetensors.torch import save_file
 from glmkit.engine import GenerationConfig, generate_tokens
 from glmkit.errors import GlmkitError
 from glmkit.models import load_model
-from glmkit.models.chatglm import (
-    ChatGLMForConditionalGeneration,
-    load_pretrained,
-    rotary_inv_freq,
-    spread_layers,
-)
+from glmkit.models.chatglm import ChatGLMForConditionalGeneration, rotary_inv_freq
 from glmkit.models.chatglm2 import ChatGLM2ForConditionalGeneration, full_attention_blocked
 from glmkit.models.chatglm2 import rotary_cos_sin as rotary_cos_sin_v3
+from glmkit.models.loading import load_pretrained, spread_layers
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 V1_DIR = CONFORMANCE / "chatglm_v1"

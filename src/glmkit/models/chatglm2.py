@@ -25,14 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmkit.errors import GlmkitError
 from glmkit.models.base import CausalLMOutput, KVCache
-from glmkit.models.chatglm import (
-    PrefixEncoder,
-    allocate_cache,
-    causal_blocked,
-    gpu_devices,
-    load_pretrained,
-    prefix_key_values,
-)
+from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values
+from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
 
 # cuDNN attention builds a plan for every new key length (~1.4 ms of CPU a call on an H200 with torch
 # 2.11), and a decode step has a new one every time: 54 ms a token instead of 16 for ChatGLM3-6B.

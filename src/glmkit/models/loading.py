@@ -1,0 +1,148 @@
+"""Loading shared by the ChatGLM families: build on the meta device, place layers on one or several
+GPUs (as the official ``load_model_on_gpus`` does), fill parameters by checkpoint name, P-Tuning v2."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from glmkit.errors import GlmkitError
+from glmkit.models.base import KVCache
+from glmkit.models.weights import checkpoint_files, iter_tensors
+
+PREFIX_ENCODER = "transformer.prefix_encoder."
+
+
+def gpu_devices(device: str | torch.device, num_gpus: int) -> list[torch.device]:
+    if num_gpus <= 1:
+        return [torch.device(device)]
+    if not torch.cuda.is_available() or torch.cuda.device_count() < num_gpus:
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise GlmkitError(f"num_gpus={num_gpus} asked for, but this machine has {found} CUDA GPU(s)")
+    return [torch.device("cuda", i) for i in range(num_gpus)]
+
+
+def spread_layers(num_layers: int, devices: list[torch.device]) -> list[torch.device]:
+    """The device of each layer, as the official ``load_model_on_gpus`` spreads them: the first device
+    also holds the embeddings and the output head, counted as two layers."""
+    per_device = (num_layers + 2) / len(devices)
+    placement, used, target = [], 2, 0
+    for _ in range(num_layers):
+        if used >= per_device:
+            target, used = min(target + 1, len(devices) - 1), 0
+        placement.append(devices[target])
+        used += 1
+    return placement
+
+
+def layer_devices(blocks: nn.ModuleList) -> list[torch.device]:
+    return [next(block.parameters()).device for block in blocks]
+
+
+def allocate_cache(
+    blocks: nn.ModuleList, batch_size: int, kv_heads: int, max_length: int, head_dim: int, dtype: torch.dtype
+) -> KVCache:
+    """A static cache whose layer ``i`` lives on the device of block ``i``."""
+    shape = (batch_size, kv_heads, max_length, head_dim)
+    devices = layer_devices(blocks)
+    return KVCache(
+        keys=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
+        values=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
+    )
+
+
+def read_ptuning_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``transformer.prefix_encoder.*`` tensors of a P-Tuning v2 checkpoint and the config values
+    they need (``pre_seq_len``, ``prefix_projection``): from its config.json, else from the tensors."""
+    tensors = {name: t for name, t in iter_tensors(checkpoint_files(path)) if name.startswith(PREFIX_ENCODER)}
+    embedding = tensors.get(PREFIX_ENCODER + "embedding.weight")
+    if embedding is None:
+        raise GlmkitError(f"{path} holds no {PREFIX_ENCODER}embedding.weight: is it a P-Tuning v2 checkpoint?")
+    settings: dict[str, Any] = {
+        "pre_seq_len": embedding.shape[0],
+        "prefix_projection": any(name.startswith(PREFIX_ENCODER + "trans.") for name in tensors),
+    }
+    if (path / "config.json").is_file():
+        from glmkit.models import read_config
+
+        saved = read_config(path)
+        settings.update({k: saved[k] for k in settings if saved.get(k) is not None})
+    return settings, tensors
+
+
+def load_pretrained(
+    cls: type,
+    config_cls: type,
+    path: str | Path,
+    dtype: torch.dtype,
+    devices: list[torch.device],
+    ptuning_checkpoint: str | Path | None,
+) -> Any:
+    """Build ``cls(config)`` on the meta device, give it memory on ``devices`` and fill it by name from
+    the checkpoint (and the P-Tuning checkpoint); every parameter must be found with its shape."""
+    from glmkit.models import read_config
+
+    path = Path(path)
+    config = config_cls.from_dict(read_config(path))
+    sources = [(path, iter_tensors(checkpoint_files(path)))]
+    if ptuning_checkpoint is not None:
+        settings, prefix_tensors = read_ptuning_checkpoint(Path(ptuning_checkpoint))
+        config = replace(config, **settings)
+        sources.append((Path(ptuning_checkpoint), iter(prefix_tensors.items())))
+    with torch.device("meta"):
+        model = cls(config)
+    model.to(dtype)
+    if config.pre_seq_len:
+        model.transformer.prefix_encoder.float()  # as the official P-Tuning scripts run it
+    materialize(model, devices)
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for where, tensors in sources:
+        unexpected = []
+        for name, tensor in tensors:
+            if not tensor.is_floating_point() or name.endswith(".weight_scale"):
+                raise GlmkitError(
+                    f"{where}: {name} is {tensor.dtype}: quantized checkpoints are not supported yet; "
+                    "use the fp16 checkpoint"
+                )
+            if cls.ignored_checkpoint_keys.fullmatch(name):
+                continue
+            param = params.get(name)
+            if param is None:
+                unexpected.append(name)
+                continue
+            if param.shape != tensor.shape:
+                raise GlmkitError(
+                    f"{where}: {name} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+            loaded.add(name)
+        if unexpected:
+            raise GlmkitError(f"{where}: unexpected tensors {_some(unexpected)}: does config.json match the weights?")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise GlmkitError(f"{path}: tensors missing from the checkpoint: {_some(missing)}")
+    return model.eval()
+
+
+def materialize(model: nn.Module, devices: list[torch.device]) -> None:
+    """Give a meta-device model (uninitialised) memory: its blocks spread over ``devices`` as
+    ``spread_layers`` says, everything else on the first device."""
+    blocks = model.blocks
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    for block, device in zip(blocks, spread_layers(len(blocks), devices), strict=True):
+        block.to_empty(device=device)
+    for module in model.modules():
+        if id(module) not in in_blocks:
+            module.to_empty(device=devices[0], recurse=False)
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return f"{shown} (+{len(names) - 5} more)" if len(names) > 5 else shown
