@@ -82,7 +82,8 @@ class Backend:
         except GlmkitError as exc:
             raise APIError(400, str(exc), param=param) from None
         try:
-            token_budget(len(prompt_ids), config, self.chat_model.engine.model.context_length)
+            # the scheduler's window: it may hold rows shorter than the model's own context
+            token_budget(len(prompt_ids), config, self.scheduler.context_length)
         except GlmkitError as exc:
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
         return prompt_ids, config
