@@ -8,7 +8,9 @@ in float32 and then cast to the model dtype.  ChatGLM2's code computes them in t
 only differs in half precision (there it is less exact, so the ChatGLM3 behaviour is used for both).
 
 Activations are ``[batch, seq, hidden]``; keys/values go to a static ``KVCache`` as
-``[batch, kv_heads, seq, head_dim]``.
+``[batch, kv_heads, seq, head_dim]``.  Besides the one-sequence forward, ``decode_rows`` advances
+several independent sequences held in rows of one cache by a token each, every row at its own
+position: that is what lets the scheduler decode concurrent requests as one batch.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         blocked: torch.Tensor | None,
         layer_id: int,
-        cache: KVCache | None,
+        cache: KVCache | RowSlots | None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
@@ -187,7 +189,7 @@ class GLMBlock(nn.Module):
         sin: torch.Tensor,
         blocked: torch.Tensor | None,
         layer_id: int,
-        cache: KVCache | None,
+        cache: KVCache | RowSlots | None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         h = h + self.self_attention(self.input_layernorm(h), cos, sin, blocked, layer_id, cache, prefix)
@@ -248,7 +250,41 @@ class ChatGLMModel(nn.Module):
         blocked = full_attention_blocked(n, past, key_blocked, cfg.pre_seq_len if prefix else 0, input_ids.device)
         cos, sin = rotary_cos_sin(position_ids, cfg.kv_channels, 10000 * cfg.rope_ratio, dtype)
 
-        h = self.embedding(input_ids)
+        h = self._layers(self.embedding(input_ids), cos, sin, blocked, cache, prefix)
+        if cache is not None:
+            cache.advance(n)
+        return h
+
+    def decode_rows(
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Final hidden states ``[n, 1, hidden]`` for one new token of each of ``n`` sequences held in rows
+        of ``cache`` (see ``ChatGLM2ForConditionalGeneration.decode_rows``)."""
+        cfg = self.config
+        span = int(positions.max()) + 1
+        if span > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions, {span} requested")
+        dtype = self.embedding.word_embeddings.weight.dtype
+        prefix = self._prefix(cache, input_ids.shape[0], dtype)  # the same for every row: kept in cache.state
+        # [n, 1, 1, prefix+span]: each row sees the prefix and its own positions up to the new token, not
+        # the stale tail that a longer row, or an earlier request in the same row, left in the cache
+        blocked = torch.arange(span, device=positions.device)[None] > positions[:, None]
+        if prefix is not None:
+            blocked = F.pad(blocked, (cfg.pre_seq_len, 0), value=False)
+        cos, sin = rotary_cos_sin(positions[:, None], cfg.kv_channels, 10000 * cfg.rope_ratio, dtype)
+        slots = RowSlots(cache, rows, positions, span)
+        return self._layers(self.embedding(input_ids), cos, sin, blocked[:, None, None], slots, prefix)
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        blocked: torch.Tensor | None,
+        cache: KVCache | RowSlots | None,
+        prefix: list[tuple[torch.Tensor, ...]] | None,
+    ) -> torch.Tensor:
+        """The decoder layers and the final norm, on the output layer's device."""
         for i, layer in enumerate(self.encoder.layers):
             dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
             h = layer(
@@ -260,8 +296,6 @@ class ChatGLMModel(nn.Module):
                 cache,
                 None if prefix is None else prefix[i],
             )
-        if cache is not None:
-            cache.advance(n)
         return self.encoder.final_layernorm(h.to(self.output_layer.weight.device))
 
     def _key_blocked(
@@ -301,6 +335,27 @@ class ChatGLMModel(nn.Module):
         if cache is not None:
             cache.state["prefix"] = kv
         return kv
+
+
+class RowSlots:
+    """Stands in for a ``KVCache`` in ``decode_rows``: the new key/value of sequence ``j`` goes to row
+    ``rows[j]`` of ``cache`` at index ``positions[j]``, and attention reads the first ``span`` positions of
+    those rows (the mask hides what lies past each row's own length)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor, span: int) -> None:
+        self.cache = cache
+        self.span = span
+        self._index = {rows.device: (rows, positions)}  # per device: layers may be spread over GPUs
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if keys.device not in self._index:
+            rows, positions = next(iter(self._index.values()))
+            self._index[keys.device] = (rows.to(keys.device), positions.to(keys.device))
+        rows, positions = self._index[keys.device]
+        keys[rows, :, positions] = key[:, :, 0]
+        values[rows, :, positions] = value[:, :, 0]
+        return keys[rows, :, : self.span], values[rows, :, : self.span]
 
 
 def full_attention_blocked(
@@ -391,3 +446,16 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
         if last_only:
             h = h[:, -1:]
         return CausalLMOutput(logits=self.transformer.output_layer(h))
+
+    def decode_rows(
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token for each of several sequences stored in rows of ``cache`` (the scheduler's batch).
+
+        ``input_ids`` ``[n, 1]``; row ``rows[i]`` holds ``positions[i]`` tokens, filled by ``forward`` on
+        ``cache.row(rows[i])`` without ``attention_mask`` or ``position_ids`` (so a token's position is its
+        index in the row), and the new token goes to index ``positions[i]``.  A P-Tuning prefix is seen by
+        every row, as in ``forward``.  Returns next-token logits ``[n, vocab]``; the caller keeps the lengths.
+        """
+        h = self.transformer.decode_rows(input_ids, cache, rows, positions)
+        return self.transformer.output_layer(h)[:, -1]

@@ -1,0 +1,121 @@
+"""ChatGLM2/3-6B (and CharacterGLM) decode concurrent requests as one batch: ``decode_rows``.
+
+Data: the tiny random ChatGLM3 checkpoint of ``../shared/conformance/chatglm_v3``.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from glmkit.engine import Engine, GenerationConfig
+from glmkit.engine.scheduler import Scheduler
+from glmkit.models import load_model, load_tokenizer
+from glmkit.templates import get_template
+
+V3_DIR = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "chatglm_v3"
+
+pytestmark = pytest.mark.skipif(
+    not V3_DIR.is_dir(), reason=f"conformance data not found at {V3_DIR} (it sits beside the checkout)"
+)
+
+# fp32: the logits of the tiny random model reach ~35, and a cached decode differs from recomputing the
+# whole sequence by up to ~5e-5 (summation order), for the one-sequence cached path as for decode_rows
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(V3_DIR / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The same network with a random P-Tuning v2 prefix of 3 positions."""
+    directory = tmp_path_factory.mktemp("ptuning")
+    kv_size = 2 * 2 * 2 * 16  # layers * (key, value) * kv_heads * head_dim of the tiny model
+    weight = torch.randn(3, kv_size, generator=torch.Generator().manual_seed(0))
+    save_file({"transformer.prefix_encoder.embedding.weight": weight}, str(directory / "model.safetensors"))
+    return load_model(V3_DIR / "checkpoint", ptuning_checkpoint=directory)
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Next-token logits recomputed over the whole sequence, no cache."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def check_rows_against_recomputation(model):
+    generator = torch.Generator().manual_seed(1)
+    cache = model.new_cache(4, 40)
+    for tensor in [*cache.keys, *cache.values]:  # stale data everywhere: only the mask may keep it out
+        tensor.normal_(generator=generator)
+    sequences = {0: 5, 2: 11, 3: 2}  # row -> prompt length; row 1 stays unused
+    tokens = {row: torch.randint(3, 60000, (n,), generator=generator).tolist() for row, n in sequences.items()}
+    with torch.inference_mode():
+        for row, ids in tokens.items():
+            model(torch.tensor([ids]), cache=cache.row(row), last_only=True)
+        for step in range(4):
+            # a different subset and order of rows at each step: rows decode independently
+            rows = [3, 0, 2] if step % 2 == 0 else [2, 3]
+            new = torch.randint(3, 60000, (len(rows), 1), generator=generator)
+            logits = model.decode_rows(new, cache, torch.tensor(rows), torch.tensor([len(tokens[row]) for row in rows]))
+            assert logits.shape == (len(rows), model.config.padded_vocab_size)
+            for i, row in enumerate(rows):
+                tokens[row].append(int(new[i, 0]))
+                assert torch.allclose(logits[i], full_logits(model, tokens[row]), **TOLERANCE), (step, row)
+
+
+def test_decode_rows_equals_full_recomputation(model):
+    check_rows_against_recomputation(model)
+
+
+def test_decode_rows_with_ptuning_prefix(model, tuned):
+    check_rows_against_recomputation(tuned)
+    ids = [64790, 64792, 30910, 13]
+    assert not torch.allclose(full_logits(tuned, ids), full_logits(model, ids), atol=1e-2)
+
+
+def collect(inbox: queue.Queue, timeout: float = 60) -> tuple[str, list[int]]:
+    text, token_ids = "", []
+    while True:
+        item = inbox.get(timeout=timeout)
+        if item is None:
+            raise AssertionError("stream ended without a final chunk")
+        if isinstance(item, BaseException):
+            raise item
+        text += item.text
+        token_ids += item.token_ids
+        if item.finish_reason:
+            return text, token_ids
+
+
+@pytest.mark.parametrize("which", ["plain", "ptuning"])
+def test_scheduler_batches_chatglm3_like_single_requests(model, tuned, which):
+    tokenizer = load_tokenizer(V3_DIR / "tokenizer")
+    network = model if which == "plain" else tuned
+    template = get_template("chatglm3")
+    engine = Engine(network, tokenizer, stop_token_ids=template.stop_token_ids(tokenizer))
+    questions = ["Hi", "What is the capital of France?", "Tell me a story about a dragon and a knight, please.", "2+2"]
+    prompts = [template.build_input_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts.append(prompts[2][:7])
+    # budgets that differ, so rows finish at different steps and a queued request reuses a freed row
+    configs = [GenerationConfig(do_sample=False, max_new_tokens=n) for n in (12, 20, 6, 16, 10)]
+    alone = [engine.generate(p, c) for p, c in zip(prompts, configs, strict=True)]
+
+    scheduler = Scheduler(engine, max_active=3, max_queue=8)
+    assert scheduler.batched
+    try:
+        inboxes = [queue.Queue() for _ in prompts]
+        for p, c, inbox in zip(prompts, configs, inboxes, strict=True):
+            scheduler.submit(p, c, inbox.put)
+        together = [collect(inbox) for inbox in inboxes]
+    finally:
+        scheduler.close()
+    assert [ids for _, ids in together] == [r.token_ids for r in alone]
+    assert [text for text, _ in together] == [r.text for r in alone]
+    assert any(len(r.token_ids) > 1 for r in alone)
