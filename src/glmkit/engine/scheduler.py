@@ -5,7 +5,7 @@ settings and finishes on its own; a cancelled request (a client that went away) 
 step and frees its place.  Past ``max_active + max_queue`` requests, ``QueueFull`` is raised so the
 server can answer 429 instead of queueing without bound.
 
-Models with ``decode_rows`` (see ``models/llama.py``) decode all active requests as one batch: each
+Models with ``decode_rows`` (``models/llama.py``, ``models/chatglm2.py``) decode all active requests as one batch: each
 request owns a row of one preallocated KV cache and sits at its own position.  Other models get the
 same interface with requests advanced in turn, one step each.
 """
@@ -122,6 +122,12 @@ class Scheduler:
 
     # -- the worker -------------------------------------------------------------------------------
     def _run(self) -> None:
+        # inference mode for the whole thread: interleaved requests' generators enter and leave their
+        # own inference_mode blocks out of order, which would otherwise switch it off under another one
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         step = self._step_batched if self.batched else self._step_interleaved
         while True:
             admitted = self._admit()
@@ -177,32 +183,31 @@ class Scheduler:
     def _step_batched(self, admitted: list[RequestHandle]) -> None:
         model = self.engine.model
         finished: list[_Row] = []
-        with torch.inference_mode():
-            for handle in admitted:
-                row = self._prefill(handle)
-                if row is not None and self._emit(row):
-                    finished.append(row)
-            live = [r for r in self._rows if r not in finished and not r.handle.cancelled.is_set()]
-            finished += [r for r in self._rows if r.handle.cancelled.is_set()]
-            if live:
-                device = model.device
-                try:
-                    logits = model.decode_rows(
-                        torch.tensor([[r.last_token] for r in live], device=device),
-                        self._cache,
-                        torch.tensor([r.slot for r in live], device=device),
-                        torch.tensor([r.length for r in live], device=device),
-                    )
-                except Exception as exc:  # the whole batch fails together; the worker lives on
-                    for row in live:
-                        row.handle.deliver(exc)
-                    finished += live
-                else:
-                    for i, row in enumerate(live):
-                        row.length += 1
-                        self._sample(row, logits[i : i + 1])
-                        if self._emit(row):
-                            finished.append(row)
+        for handle in admitted:
+            row = self._prefill(handle)
+            if row is not None and self._emit(row):
+                finished.append(row)
+        live = [r for r in self._rows if r not in finished and not r.handle.cancelled.is_set()]
+        finished += [r for r in self._rows if r.handle.cancelled.is_set()]
+        if live:
+            device = model.device
+            try:
+                logits = model.decode_rows(
+                    torch.tensor([[r.last_token] for r in live], device=device),
+                    self._cache,
+                    torch.tensor([r.slot for r in live], device=device),
+                    torch.tensor([r.length for r in live], device=device),
+                )
+            except Exception as exc:  # the whole batch fails together; the worker lives on
+                for row in live:
+                    row.handle.deliver(exc)
+                finished += live
+            else:
+                for i, row in enumerate(live):
+                    row.length += 1
+                    self._sample(row, logits[i : i + 1])
+                    if self._emit(row):
+                        finished.append(row)
         self._rows = [r for r in self._rows if r not in finished]
         self._retire([r.handle for r in finished])
 
