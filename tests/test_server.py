@@ -314,10 +314,11 @@ def test_full_queue_429_and_clients_that_leave_free_their_slots(demo_chat, caplo
     caplog.set_level("INFO", logger="glmkit.access")
     long = {"messages": [{"role": "user", "content": LONG_STORY}], "temperature": 0, "max_tokens": 4000}
     short = {"messages": [{"role": "user", "content": FRANCE}], "temperature": 0, "max_tokens": 2}
-    with live_server(create_app(demo_chat, ServerOptions(max_active=1, max_queue=1))) as url:
+    options = ServerOptions(max_active=1, max_queue=1, log_prompts=True)
+    with live_server(create_app(demo_chat, options)) as url:
         active = _open_stream(url, **long)
         assert _read_until(active, b"data: ").startswith(b"HTTP/1.1 200")
-        queued = _open_stream(url, **long)  # waits in the queue: no response yet
+        queued = _open_stream(url, **long, stream=False)  # waits in the queue: no response yet
         time.sleep(1.0)
         busy = httpx.post(f"{url}{CHAT}", json=short, timeout=60)
         assert _error(busy, 429)["code"] == "queue_full"
@@ -335,8 +336,9 @@ def test_full_queue_429_and_clients_that_leave_free_their_slots(demo_chat, caplo
         assert response.status_code == 200
         assert response.json()["usage"]["completion_tokens"] == 2
         assert time.monotonic() - started < 60
-    gone = [r.getMessage() for r in caplog.records if r.name == "glmkit.access" and '" 499 ' in r.getMessage()]
-    assert len(gone) == 2, "the access log marks both abandoned requests"
+    lines = [record.getMessage() for record in caplog.records if record.name == "glmkit.access"]
+    assert len([line for line in lines if '" 499 ' in line]) == 2, "the log marks both abandoned requests"
+    assert all(LONG_STORY in line for line in lines if '" 499 ' in line), "--log-prompts logs the messages"
 
 
 # -- API key, CORS, access log, shutdown: `glmkit serve` in a subprocess ---------------------------
@@ -407,6 +409,17 @@ def test_access_log_and_graceful_shutdown(keyed_server):
     assert re.search(r'"GET /v1/models" 401 tokens=- ', text), text
     assert "the-secret-prompt-text" not in text, "prompts stay out of the log without --log-prompts"
     assert "Application shutdown complete" in text and "Finished server process" in text
+
+
+def test_web_page_mounted_beside_the_api_behind_its_own_login(demo_chat):
+    with live_server(create_app(demo_chat, ServerOptions(web=True, api_key=KEY))) as url:
+        page = httpx.get(f"{url}/web/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert httpx.get(f"{url}/web/config").status_code == 401  # Gradio's login, not the Bearer header
+        assert httpx.post(f"{url}/web/login", data={"username": "u", "password": "wrong"}).status_code == 400
+        assert httpx.post(f"{url}/web/login", data={"username": "u", "password": KEY}).json() == {"success": True}
+        assert _error(httpx.get(f"{url}/v1/models"), 401)
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 # -- last: the main server survived everything above ----------------------------------------------

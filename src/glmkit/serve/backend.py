@@ -50,7 +50,7 @@ class Reply:
     async def chunks(self) -> AsyncIterator[Chunk]:
         # aclosing: leaving early (an error, a cancelled request) closes the scheduler's stream,
         # which cancels the generation and frees its slot
-        async with contextlib.aclosing(self._rest) as rest:  # type: ignore[type-var]
+        async with contextlib.aclosing(self._rest) as rest:
             yield self._note(self._first)
             async for chunk in rest:
                 yield self._note(chunk)

@@ -140,7 +140,7 @@ class ChatCompletionRequest(_Body):
     @field_validator(*_NEUTRAL)
     @classmethod
     def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
-        allowed = _NEUTRAL[info.field_name]  # type: ignore[index]
+        allowed = _NEUTRAL[info.field_name]
         if value is not None and value not in allowed:
             raise PydanticCustomError(
                 "unsupported",

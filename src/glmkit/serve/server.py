@@ -79,20 +79,26 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         )
     app.add_middleware(AccessLog, log_prompts=options.log_prompts)
     if options.web:
-        _mount_web(app, chat_model, scheduler, options.api_key)
+        _mount_web(app, chat_model, scheduler, options)
     return app
 
 
-def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, api_key: str | None) -> None:
+def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, options: ServerOptions) -> None:
     import gradio
 
     from glmkit.web.app import build_web
 
     def login(_user: str, password: str) -> bool:  # any user name, the API key as password
-        return hmac.compare_digest(password.encode(), (api_key or "").encode())
+        return hmac.compare_digest(password.encode(), (options.api_key or "").encode())
 
-    blocks = build_web(chat_model, scheduler)
-    gradio.mount_gradio_app(app, blocks, path=WEB_PATH, auth=login if api_key else None, ssr_mode=False)
+    gradio.mount_gradio_app(
+        app,
+        build_web(chat_model, scheduler),
+        path=WEB_PATH,
+        auth=login if options.api_key else None,
+        max_file_size=options.max_body_bytes,  # the page takes no files; uploads get the API's limit
+        ssr_mode=False,
+    )
 
 
 def _is_loopback(host: str) -> bool:
