@@ -146,3 +146,29 @@ def test_interleaved_mode_for_models_without_row_decoding(tiny_llama):
     finally:
         scheduler.close()
     assert together == [engine.generate(p, config).text for p in prompts]
+
+
+def test_cache_rows_grow_while_requests_run(demo_chat, demo_engine):
+    short = GenerationConfig(do_sample=False, max_new_tokens=30)
+    longer = GenerationConfig(do_sample=False, max_new_tokens=60)
+    first = prompt(demo_chat, "What is the capital of France?")
+    second = prompt(demo_chat, "Describe the water cycle in a few sentences. " * 3)
+    scheduler = Scheduler(demo_engine, max_active=2)
+    try:
+        inbox: queue.Queue = queue.Queue()
+        scheduler.submit(first, short, inbox.put)
+        inbox.get(timeout=60)  # the first request holds a row sized for itself
+        size = scheduler._cache.max_length
+        assert size == len(first) + 30
+        text_second, _ = collect(scheduler, second, longer)
+        assert scheduler._cache.max_length >= len(second) + 60 > size
+        text_first = ""
+        while True:  # the rest of the first request, decoded across the growth
+            item = inbox.get(timeout=60)
+            text_first += item.text
+            if item.finish_reason:
+                break
+    finally:
+        scheduler.close()
+    assert text_second == demo_engine.generate(second, longer).text
+    assert demo_engine.generate(first, short).text.endswith(text_first)

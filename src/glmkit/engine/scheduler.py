@@ -34,6 +34,10 @@ class QueueFull(GlmkitError):
     """The scheduler already holds as many requests as it may; try again later."""
 
 
+class SchedulerClosed(GlmkitError):
+    """The scheduler is shutting down and takes no more work."""
+
+
 @dataclass
 class RequestHandle:
     deliver: Delivery
@@ -69,7 +73,7 @@ class Scheduler:
         self.batched = hasattr(engine.model, "decode_rows")
         #: the longest prompt + reply one request may have (a row of the batch cache holds this many)
         self.context_length = min(engine.model.context_length, max_sequence_length)
-        self._cache = None  # allocated at the first batched request
+        self._cache = None  # allocated at the first batched request, lengthened as requests need
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[RequestHandle] = []
         self._rows: list[_Row] = []
@@ -88,7 +92,7 @@ class Scheduler:
         handle = RequestHandle(deliver=deliver, prompt_ids=prompt_ids, config=config)
         with self._wakeup:
             if self._closed:
-                raise GlmkitError("the scheduler is shut down")
+                raise SchedulerClosed("the server is shutting down")
             self._waiting = deque(h for h in self._waiting if not h.cancelled.is_set())
             if len(self._active) + len(self._waiting) >= self.max_active + self.max_queue:
                 raise QueueFull(f"{self.max_active + self.max_queue} requests are already running or queued")
@@ -134,7 +138,7 @@ class Scheduler:
             with self._wakeup:
                 if self._closed:
                     for handle in [*self._active, *self._waiting]:
-                        handle.deliver(GlmkitError("the server is shutting down"))
+                        handle.deliver(SchedulerClosed("the server is shutting down"))
                     return
             step(admitted)
 
@@ -216,8 +220,12 @@ class Scheduler:
         model = self.engine.model
         try:
             reply = self.engine.new_reply(len(handle.prompt_ids), handle.config, self.context_length)
+            # rows grow to what requests need (doubling), not to the whole window: memory follows use
+            needed = len(handle.prompt_ids) + reply.budget
             if self._cache is None:
-                self._cache = model.new_cache(self.max_active, self.context_length)
+                self._cache = model.new_cache(self.max_active, needed)
+            elif self._cache.max_length < needed:
+                self._cache.grow(min(self.context_length, max(needed, 2 * self._cache.max_length)))
             used = {r.slot for r in self._rows}
             slot = next(i for i in range(self.max_active) if i not in used)
             prompt = torch.tensor([handle.prompt_ids], device=model.device)

@@ -98,6 +98,16 @@ class KVCache:
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 
+    def grow(self, max_length: int) -> None:
+        """Room for ``max_length`` positions per row, keeping what is stored (new tensors: take new views)."""
+        if max_length <= self.max_length:
+            return
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                bigger = old.new_zeros((*old.shape[:2], max_length, old.shape[3]))
+                bigger[:, :, : old.shape[2]] = old
+                store[i] = bigger
+
     def row(self, index: int) -> KVCache:
         """An empty one-row cache whose storage is row ``index`` of this one (for filling one slot)."""
         return KVCache(

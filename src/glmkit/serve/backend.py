@@ -18,7 +18,7 @@ from starlette.datastructures import State
 from glmkit.chat import ChatModel
 from glmkit.engine import Chunk, GenerationConfig
 from glmkit.engine.config import token_budget
-from glmkit.engine.scheduler import QueueFull, Scheduler
+from glmkit.engine.scheduler import QueueFull, Scheduler, SchedulerClosed
 from glmkit.errors import GlmkitError
 from glmkit.serve.errors import APIError
 from glmkit.templates import Message
@@ -113,6 +113,8 @@ class Backend:
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from None
-        except GlmkitError as exc:  # the scheduler is shutting down
+        except SchedulerClosed as exc:
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
+        except GlmkitError as exc:  # checked before submitting, so only a request the model cannot take
+            raise APIError(400, str(exc), param=param) from None
         return Reply(state, first, stream)
