@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+# outputs of the official reference code, beside the checkout (never copied into the project)
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+V1_DIR = CONFORMANCE / "chatglm_v1"
+V3_DIR = CONFORMANCE / "chatglm_v3"
+needs_conformance = pytest.mark.skipif(
+    not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
+)
+
+
+def load_expected(directory: Path) -> dict:
+    """A folder's expected.json, or {} when the data is absent (its tests skip)."""
+    path = directory / "expected.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ Data: the tiny random ChatGLM3 checkpoint of ``../shared/conformance/chatglm_v3`
 from __future__ import annotations
 
 import queue
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import V3_DIR, needs_conformance
 from safetensors.torch import save_file
 
 from glmkit.engine import Engine, GenerationConfig
@@ -17,11 +17,7 @@ from glmkit.engine.scheduler import Scheduler
 from glmkit.models import load_model, load_tokenizer
 from glmkit.templates import get_template
 
-V3_DIR = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "chatglm_v3"
-
-pytestmark = pytest.mark.skipif(
-    not V3_DIR.is_dir(), reason=f"conformance data not found at {V3_DIR} (it sits beside the checkout)"
-)
+pytestmark = needs_conformance
 
 # fp32: the logits of the tiny random model reach ~35, and a cached decode differs from recomputing the
 # whole sequence by up to ~5e-5 (summation order), for the one-sequence cached path as for decode_rows

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONFORMANCE
+from conftest import CONFORMANCE, load_expected, needs_conformance
 
 import glmkit
 from glmkit.models import read_config
 from glmkit.templates import detect_template
 
-pytestmark = pytest.mark.skipif(
-    not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
-)
+pytestmark = needs_conformance
 
 
 def official_dir(tmp_path_factory, version: str):
@@ -36,7 +34,7 @@ def v3(tmp_path_factory):
 
 
 def expected(version):
-    return json.loads((CONFORMANCE / version / "expected.json").read_text())
+    return load_expected(CONFORMANCE / version)
 
 
 def test_templates_are_detected(v1, v3):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import V1_DIR, V3_DIR, load_expected, needs_conformance
 from safetensors.torch import save_file
 
 from glmkit.engine import GenerationConfig, generate_tokens
@@ -22,21 +23,10 @@ from glmkit.models.chatglm2 import ChatGLM2ForConditionalGeneration, full_attent
 from glmkit.models.chatglm2 import rotary_cos_sin as rotary_cos_sin_v3
 from glmkit.models.loading import load_pretrained, spread_layers
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-V1_DIR = CONFORMANCE / "chatglm_v1"
-V3_DIR = CONFORMANCE / "chatglm_v3"
-
-pytestmark = pytest.mark.skipif(
-    not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
-)
+pytestmark = needs_conformance
 
 
-def _expected(directory: Path) -> dict:
-    path = directory / "expected.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-EXPECTED = {"v1": _expected(V1_DIR), "v3": _expected(V3_DIR)}
+EXPECTED = {"v1": load_expected(V1_DIR), "v3": load_expected(V3_DIR)}
 CHECKPOINT = {"v1": V1_DIR / "checkpoint", "v3": V3_DIR / "checkpoint"}
 MODEL_CLASS = {"v1": ChatGLMForConditionalGeneration, "v3": ChatGLM2ForConditionalGeneration}
 TOLERANCE = {"v1": 1e-4, "v3": 5e-4}  # atol = rtol; the README allows 5e-4 for v3 (summation order)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import V1_DIR, V3_DIR, load_expected, needs_conformance
 
 from glmkit.engine.detokenizer import StreamingDetokenizer
 from glmkit.errors import GlmkitError
@@ -13,22 +14,11 @@ from glmkit.models import load_tokenizer
 from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
 from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-V1_DIR = CONFORMANCE / "chatglm_v1"
-V3_DIR = CONFORMANCE / "chatglm_v3"
-
-pytestmark = pytest.mark.skipif(
-    not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
-)
+pytestmark = needs_conformance
 
 
-def _expected(directory: Path) -> dict:
-    path = directory / "expected.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-V1 = _expected(V1_DIR)
-V3 = _expected(V3_DIR)
+V1 = load_expected(V1_DIR)
+V3 = load_expected(V3_DIR)
 V1_CASES = V1.get("tokenizer", {}).get("cases", [])
 V3_CASES = V3.get("tokenizer", {}).get("cases", [])
 V2_CASES = V3.get("chatglm2_6b", {}).get("tokenizer_vs_v3", [])

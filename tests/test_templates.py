@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import V1_DIR, V3_DIR, load_expected, needs_conformance
 
 from glmkit.errors import GlmkitError
 from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
@@ -22,21 +23,8 @@ from glmkit.templates.chatglm3 import TEMPLATE as CHATGLM3
 from glmkit.templates.chatglm3 import build_single_message, parse_tool_call
 from glmkit.templates.chatglm_detect import detect_chatglm_template
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-V1_DIR = CONFORMANCE / "chatglm_v1"
-V3_DIR = CONFORMANCE / "chatglm_v3"
-needs_data = pytest.mark.skipif(
-    not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
-)
-
-
-def _expected(directory: Path) -> dict:
-    path = directory / "expected.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-V1 = _expected(V1_DIR)
-V3 = _expected(V3_DIR)
+V1 = load_expected(V1_DIR)
+V3 = load_expected(V3_DIR)
 V2 = V3.get("chatglm2_6b", {})
 
 
@@ -86,7 +74,7 @@ def v2():
 # -- ChatGLM-6B ----------------------------------------------------------------------------------
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("chat", V1.get("chat", []), ids=lambda c: f"{len(c['history'])}-rounds")
 def test_v1_chat_prompt(v1, chat):
     messages = _messages(chat["history"], chat["query"])
@@ -94,7 +82,7 @@ def test_v1_chat_prompt(v1, chat):
     assert CHATGLM.build_input_ids(v1, messages) == chat["prompt_input_ids"]
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("chat", _with_generation(V1), ids=lambda c: f"{len(c['history'])}-rounds")
 def test_v1_chat_response(v1, chat):
     messages = _messages(chat["history"], chat["query"])
@@ -105,13 +93,13 @@ def test_v1_chat_response(v1, chat):
     assert new == [{"role": "assistant", "content": response}]
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("pair", V1.get("process_response", []), ids=lambda p: repr(p["input"]))
 def test_v1_process_response(pair):
     assert CHATGLM.postprocess(pair["input"], [])[0] == pair["output"]
 
 
-@needs_data
+@needs_conformance
 def test_v1_stops_at_eop(v1):
     assert CHATGLM.stop_token_ids(v1) == [130005]
 
@@ -119,7 +107,7 @@ def test_v1_stops_at_eop(v1):
 # -- ChatGLM2-6B ---------------------------------------------------------------------------------
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("chat", V2.get("chat", []), ids=lambda c: f"{len(c['history'])}-rounds")
 @pytest.mark.parametrize("tokenizer", ["v2", "v3"])
 def test_v2_chat_prompt(request, tokenizer, chat):
@@ -157,7 +145,7 @@ def test_plain_templates_system_and_role_checks():
 # -- ChatGLM3-6B ---------------------------------------------------------------------------------
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("chat", V3.get("chat", []), ids=lambda c: f"{len(c['history'])}-messages")
 def test_v3_chat_prompt(v3, chat):
     ids = CHATGLM3.build_input_ids(v3, _messages(chat["history"], chat["query"]))
@@ -165,7 +153,7 @@ def test_v3_chat_prompt(v3, chat):
     assert v3.decode(ids) == chat["decoded_prompt"]
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("chat", _with_generation(V3), ids=lambda c: f"{len(c['history'])}-messages")
 def test_v3_chat_response(v3, chat):
     messages = _messages(chat["history"], chat["query"])
@@ -176,7 +164,7 @@ def test_v3_chat_response(v3, chat):
     assert [*messages, *new] == chat["new_history"]
 
 
-@needs_data
+@needs_conformance
 def test_v3_prompt_pieces(v3):
     pieces = V3["chat_prompt_pieces_hi_hello"]
     messages = _messages([["hi", "hello"]], "你好")
@@ -185,14 +173,14 @@ def test_v3_prompt_pieces(v3):
     assert v3.convert_ids_to_tokens(ids) == [piece["piece"] for piece in pieces]
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("call", list(V3.get("build_single_message", {})))
 def test_v3_build_single_message(v3, call):
     role, metadata, content = ast.literal_eval(call.removeprefix("build_single_message"))
     assert build_single_message(v3, role, metadata, content) == V3["build_single_message"][call]
 
 
-@needs_data
+@needs_conformance
 def test_v3_tools_system_prompt(v3):
     recorded = V3["tools_system_prompt"]
     ids = CHATGLM3.build_input_ids(v3, _messages(recorded["history"], recorded["query"]))
@@ -200,7 +188,7 @@ def test_v3_tools_system_prompt(v3):
     assert v3.decode(ids) == recorded["decoded"]
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize("pair", V3.get("process_response", []), ids=lambda p: repr(p["output"][:20]))
 def test_v3_process_response(pair):
     history = pair["history_in"]
@@ -209,7 +197,7 @@ def test_v3_process_response(pair):
     assert [*history, *new] == pair["history_out"]
 
 
-@needs_data
+@needs_conformance
 def test_v3_observation_and_stops(v3):
     messages = [
         {"role": "user", "content": "北京天气怎么样"},
@@ -223,7 +211,7 @@ def test_v3_observation_and_stops(v3):
     assert CHATGLM3.stop_token_ids(v3) == [2, 64795, 64797]
 
 
-@needs_data
+@needs_conformance
 def test_v3_template_needs_role_tokens(v2):
     with pytest.raises(GlmkitError, match="chatglm2 template"):
         CHATGLM3.build_input_ids(v2, [{"role": "user", "content": "hi"}])
@@ -324,7 +312,7 @@ def test_characterglm_errors():
         CHARACTERGLM.build_prompt([*query, {"role": "assistant", "content": "x"}], CARD)
 
 
-@needs_data
+@needs_conformance
 def test_characterglm_ids_and_stops(v3):
     messages = [{"role": "user", "content": "你好"}]
     ids = CHARACTERGLM.build_input_ids(v3, messages, character=CARD)
@@ -347,7 +335,7 @@ def _checkpoint(tmp_path: Path, tokenizer_config: dict | None = None, name: str 
     return directory
 
 
-@needs_data
+@needs_conformance
 @pytest.mark.parametrize(("directory", "template"), [(V1_DIR, "chatglm"), (V3_DIR, "chatglm3")])
 def test_detect_conformance_checkpoints(directory, template):
     config = json.loads((directory / "checkpoint" / "config.json").read_text(encoding="utf-8"))
