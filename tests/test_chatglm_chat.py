@@ -66,6 +66,7 @@ def test_v3_cache_reuse_across_turns_changes_nothing(v3):
     model = glmkit.load(v3, device="cpu", dtype="fp32")
     _, history = model.chat("你好", [], temperature=0, max_new_tokens=8)
     cache = model._session.cache
+    assert cache is not None, "the first turn's cache should be kept"
     second, _ = model.chat("hi", history, temperature=0, max_new_tokens=8)
     assert model._session.cache is cache, "the second turn should extend the first turn's cache"
     fresh = glmkit.load(v3, device="cpu", dtype="fp32")

@@ -106,3 +106,25 @@ def test_streaming_detokenizer_never_breaks_characters(demo_chat, text):
     pieces.append(detokenizer.flush())
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+def test_session_survives_an_early_close_but_not_an_interrupted_step(tiny_llama):
+    from glmkit.engine import iter_tokens
+
+    session = DecodeSession()
+    tokens = iter_tokens(tiny_llama, PROMPT, GREEDY, session=session)
+    next(tokens)
+    tokens.close()  # a reader that stopped (a reply ended by a stop string, a client that left)
+    assert session.cache is not None and session.tokens == PROMPT
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    tokens = iter_tokens(tiny_llama, [*PROMPT, 1, 2], GREEDY, session=session)
+    original, tiny_llama.forward = tiny_llama.forward, interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(tokens)
+    finally:
+        tiny_llama.forward = original
+    assert session.cache is None and session.tokens == []

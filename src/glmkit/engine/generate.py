@@ -100,8 +100,10 @@ def iter_tokens(
                 yield token_id
                 if token_id in stops:
                     return
+    except GeneratorExit:  # the caller stopped reading at a yield: the cache is whole
+        raise
     except BaseException:
-        # an interrupted forward may leave the cache half written: never reuse it
+        # an interrupted forward (Ctrl-C, an error) may leave the cache half written: never reuse it
         if session is not None:
             session.reset()
         raise
