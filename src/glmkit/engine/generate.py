@@ -46,22 +46,21 @@ def _model_device(model: CausalLM) -> torch.device:
 def _prepare_cache(
     model: CausalLM, prompt_ids: list[int], capacity: int, session: DecodeSession | None
 ) -> tuple[Cache, int]:
-    """A cache ready for ``prompt_ids``, and how many prompt ids it already holds."""
+    """A cache with room for ``capacity`` positions, and how many of ``prompt_ids`` it already holds."""
     if session is not None and session.cache is not None and model.supports_prefix_reuse:
         reusable = 0
         for old, new in zip(session.tokens, prompt_ids, strict=False):
             if old != new:
                 break
             reusable += 1
-        reusable = min(reusable, len(prompt_ids) - 1)  # the last prompt id must run to give logits
-        if session.cache.max_length >= capacity and reusable > 0:
-            session.cache.crop(reusable)
-            reusable = session.cache.length  # a cache may drop more than asked
+        # the last prompt id must run to give logits; a cache may drop more than asked
+        session.cache.crop(min(reusable, len(prompt_ids) - 1))
+        reusable = session.cache.length
+        if reusable:
+            session.cache.grow(capacity)
             session.tokens = session.tokens[:reusable]
-            if reusable:
-                return session.cache, reusable
-    size = model.context_length if session is not None else capacity
-    cache = model.new_cache(batch_size=1, max_length=size)
+            return session.cache, reusable
+    cache = model.new_cache(batch_size=1, max_length=capacity)
     if session is not None:
         session.cache, session.tokens = cache, []
     return cache, 0

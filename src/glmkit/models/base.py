@@ -4,7 +4,7 @@ A family module (``chatglm.py``, ``chatglm2.py``, ``hf_causal_lm.py``) is a ``to
 
     forward(input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False)
         -> CausalLMOutput(logits=[batch, seq, vocab])
-    new_cache(batch_size, max_length) -> a cache object with ``length`` and ``crop(n)``
+    new_cache(batch_size, max_length) -> a cache with ``length``, ``max_length``, ``crop(n)``, ``grow(n)``
     context_length: int             # longest sequence the model accepts
     supports_prefix_reuse: bool     # may a cache filled by one prompt serve a longer one?
 
@@ -28,8 +28,11 @@ class CausalLMOutput:
 
 class Cache(Protocol):
     length: int
+    max_length: int
 
     def crop(self, length: int) -> None: ...
+
+    def grow(self, max_length: int) -> None: ...
 
 
 class CausalLM(Protocol):

@@ -30,6 +30,9 @@ class HFCache:
         if length < self.length:
             self.past, self.length = None, 0
 
+    def grow(self, max_length: int) -> None:
+        self.max_length = max(self.max_length, max_length)  # transformers' caches grow by themselves
+
 
 class HFCausalLM(nn.Module):
     supports_prefix_reuse = True
