@@ -39,23 +39,19 @@ def history_to_messages(history: History | None) -> list[Message]:
     return messages
 
 
-def _generation_defaults(model_dir: Path) -> GenerationConfig:
+def _read_generation_config(model_dir: Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json; {} when absent or unreadable (it only holds defaults)."""
     path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return GenerationConfig()
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return GenerationConfig()
-    return GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved})
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
-def _eos_ids(model_dir: Path, config: dict[str, Any]) -> list[int]:
-    """eos ids named by the checkpoint (config and generation_config), as a list."""
+def _eos_ids(*sources: dict[str, Any]) -> list[int]:
+    """eos ids named by the checkpoint (config.json and generation_config.json), as a list."""
     ids: list[int] = []
-    sources = [config]
-    if (model_dir / "generation_config.json").is_file():
-        sources.append(json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")))
     for source in sources:
         value = source.get("eos_token_id")
         ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
@@ -191,11 +187,12 @@ def load(
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))
     name = str(model) if model is not None else DEMO_MODEL_NAME
+    saved = _read_generation_config(model_dir)
     return ChatModel(
         network,
         tokenizer,
         chosen,
-        generation_config=_generation_defaults(model_dir),
+        generation_config=GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved}),
         name=name,
-        extra_stop_ids=_eos_ids(model_dir, config),
+        extra_stop_ids=_eos_ids(config, saved),
     )
