@@ -38,7 +38,7 @@ class SchedulerClosed(GlmkitError):
     """The scheduler is shutting down and takes no more work."""
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, never equal to another by its fields
 class RequestHandle:
     deliver: Delivery
     prompt_ids: list[int]
@@ -50,7 +50,7 @@ class RequestHandle:
         self.cancelled.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """A request decoding in row ``slot`` of the shared cache (batched mode)."""
 
