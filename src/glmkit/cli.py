@@ -49,6 +49,20 @@ def main_options(
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
 
 
+def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source):
+    from glmkit.chat import load
+
+    return load(
+        model,
+        device=device,
+        dtype=dtype,
+        template=template,
+        source=source,
+        ptuning_checkpoint=ptuning_checkpoint,
+        num_gpus=num_gpus,
+    )
+
+
 @app.command()
 def chat(
     model: ModelOption = None,
@@ -73,7 +87,6 @@ def chat(
     source: SourceOption = "huggingface",
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
-    from glmkit.chat import load
     from glmkit.repl import run_repl, stream_answer
     from glmkit.templates.characterglm import read_card
 
@@ -83,15 +96,8 @@ def chat(
         query = sys.stdin.read().strip()
         if not query:
             raise GlmkitError("no question on standard input")
-    chat_model = load(
-        model,
-        device=device,
-        dtype=dtype,
-        template=template or ("characterglm" if card else None),
-        source=source,
-        ptuning_checkpoint=ptuning_checkpoint,
-        num_gpus=num_gpus,
-    )
+    template = template or ("characterglm" if card else None)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
     options: dict[str, Any] = {
         "system": system,
         "character": card,
@@ -115,20 +121,6 @@ def chat(
         options,
         greeting=(card or {}).get("greeting"),
         bot_name=(card or {}).get("bot_name", ""),
-    )
-
-
-def _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source):
-    from glmkit.chat import load
-
-    return load(
-        model,
-        device=device,
-        dtype=dtype,
-        template=template,
-        source=source,
-        ptuning_checkpoint=ptuning_checkpoint,
-        num_gpus=num_gpus,
     )
 
 
@@ -158,7 +150,7 @@ def serve(
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
     run_server(
         chat_model,
         ServerOptions(
@@ -191,7 +183,7 @@ def web(
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
     from glmkit.web.app import run_web
 
-    chat_model = _load_for_serving(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
     run_web(chat_model, host=host, port=port, max_active=max_active, max_queue=max_queue)
 
 
