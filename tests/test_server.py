@@ -126,7 +126,7 @@ def test_legacy_explicit_zero_top_p_is_greedy_and_any_content_type(server, greed
 
 # -- the OpenAI contract ----------------------------------------------------------------------------
 def test_health_models_and_cors_off(server, client, demo_chat):
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "active": 0, "waiting": 0}
     assert [model.id for model in client.models.list()] == [demo_chat.name]
     response = httpx.get(f"{server}/v1/models", headers={"Origin": "http://elsewhere.example"})
     assert "access-control-allow-origin" not in response.headers
@@ -250,7 +250,7 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "max_tokens": 1.5}, 400, "max_tokens", None),
     (CHAT, {"messages": USER, "stream": "yes"}, 400, "stream", None),
     (CHAT, {"messages": USER, "stop": 5}, 400, "stop", None),
-    (CHAT, {"messages": USER, "stop": ["a", ""]}, 400, "stop", None),
+    (CHAT, {"messages": USER, "stop": ["a", ""]}, 400, "stop.1", None),
     (CHAT, {"messages": USER, "seed": "1"}, 400, "seed", None),
     (CHAT, {"messages": USER, "n": 2}, 400, "n", None),
     (CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs", None),

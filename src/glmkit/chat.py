@@ -24,8 +24,23 @@ ROLES = ("system", "user", "assistant", "observation")
 _GENERATION_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
 
+def check_text(text: object, what: str) -> str:
+    """``text`` if it is a string that can be encoded; else the user's mistake, said plainly."""
+    if not isinstance(text, str):
+        raise GlmkitError(f"{what} must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8, smuggled in through argv
+        raise GlmkitError(f"{what} is not valid text: it holds bytes that are not UTF-8") from None
+    return text
+
+
 def history_to_messages(history: History | None) -> list[Message]:
     """Accept both history styles; return OpenAI-style messages."""
+    if history is not None and not isinstance(history, list | tuple):
+        raise GlmkitError(
+            f"history must be a list of (query, response) pairs or messages, not {type(history).__name__}"
+        )
     messages: list[Message] = []
     for i, item in enumerate(history or []):
         if isinstance(item, dict):
@@ -89,7 +104,13 @@ class ChatModel:
     ) -> list[Message]:
         if role not in ("user", "observation"):
             raise GlmkitError(f"role must be 'user' or 'observation', not {role!r}")
+        check_text(query, "the query")
+        if system is not None:
+            check_text(system, "the system prompt")
         messages = history_to_messages(history)
+        for message in messages:
+            if isinstance(message["content"], str):
+                check_text(message["content"], f"a {message['role']} message")
         if system and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": system})
         return [*messages, {"role": role, "content": query}]
@@ -188,11 +209,15 @@ def load(
     chosen = get_template(template or detect_template(model_dir, config))
     name = str(model) if model is not None else DEMO_MODEL_NAME
     saved = _read_generation_config(model_dir)
+    try:
+        defaults = GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved})
+    except GlmkitError as exc:
+        raise GlmkitError(f"{model_dir / 'generation_config.json'}: {exc}") from None
     return ChatModel(
         network,
         tokenizer,
         chosen,
-        generation_config=GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved}),
+        generation_config=defaults,
         name=name,
         extra_stop_ids=_eos_ids(config, saved),
     )

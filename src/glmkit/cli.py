@@ -87,20 +87,13 @@ def chat(
     source: SourceOption = "huggingface",
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
+    from glmkit.chat import check_text
+    from glmkit.engine import GenerationConfig
     from glmkit.repl import run_repl, stream_answer
     from glmkit.templates.characterglm import read_card
 
     card = read_card(character) if character else None
-    piped = query is None and not sys.stdin.isatty()
-    if piped:
-        query = sys.stdin.read().strip()
-        if not query:
-            raise GlmkitError("no question on standard input")
-    template = template or ("characterglm" if card else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
-    options: dict[str, Any] = {
-        "system": system,
-        "character": card,
+    generation: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "max_length": max_length,
         "temperature": temperature,
@@ -110,6 +103,22 @@ def chat(
         "seed": seed,
         "stop": stop,
     }
+    GenerationConfig().updated(**generation)  # a bad setting is refused before the model loads
+    piped = query is None and not sys.stdin.isatty()
+    if piped:
+        try:
+            query = sys.stdin.buffer.read().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise GlmkitError("standard input is not UTF-8 text") from None
+        if not query:
+            raise GlmkitError("no question on standard input")
+    if query is not None:
+        check_text(query, "the question")
+    if system is not None:
+        check_text(system, "the system prompt")
+    template = template or ("characterglm" if card else None)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    options: dict[str, Any] = {"system": system, "character": card, **generation}
     if query is not None:
         try:
             stream_answer(chat_model, query, [], sys.stdout, **options)
@@ -140,6 +149,12 @@ def serve(
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Write prompt text to the access log.")] = False,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
+    max_model_len: Annotated[
+        int, typer.Option(min=2, help="Most tokens of prompt and reply in one request (capped by the model's own).")
+    ] = 4096,
+    shutdown_grace: Annotated[
+        float, typer.Option(min=0, help="Seconds running replies get on Ctrl-C/SIGTERM before they are cut.")
+    ] = 5.0,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
@@ -162,6 +177,8 @@ def serve(
             log_prompts=log_prompts,
             max_active=max_active,
             max_queue=max_queue,
+            max_model_len=max_model_len,
+            shutdown_grace_seconds=shutdown_grace,
         ),
     )
 

@@ -7,15 +7,14 @@ import sys
 from typing import Any, TextIO
 
 from glmkit.chat import ChatModel
+from glmkit.errors import GlmkitError
 
 CLEAR_WORDS = ("clear",)
 QUIT_WORDS = ("stop", "exit", "quit")
 CLEAR_SCREEN = "\033[2J\033[H"
 
 
-def stream_answer(
-    model: ChatModel, query: str, history: list, out: TextIO, **options: Any
-) -> tuple[str | Any, list]:
+def stream_answer(model: ChatModel, query: str, history: list, out: TextIO, **options: Any) -> tuple[str | Any, list]:
     """Print the reply as it streams; return the final response and history."""
     response: Any = ""
     shown = ""
@@ -56,6 +55,9 @@ def run_repl(model: ChatModel, options: dict[str, Any], greeting: str | None = N
         except KeyboardInterrupt:
             print("\n(type 'stop' or press Ctrl-D to quit)")
             continue
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text; type it again)")
+            continue
         if not query:
             continue
         if query.lower() in QUIT_WORDS:
@@ -71,3 +73,5 @@ def run_repl(model: ChatModel, options: dict[str, Any], greeting: str | None = N
         except KeyboardInterrupt:
             # the interrupted turn is dropped; the conversation before it stays
             print("\n[answer stopped]")
+        except GlmkitError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"\nerror: {exc}")

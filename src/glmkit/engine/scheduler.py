@@ -35,7 +35,11 @@ class QueueFull(GlmkitError):
 
 
 class SchedulerClosed(GlmkitError):
-    """The scheduler is shutting down and takes no more work."""
+    """The scheduler is shutting down, or its worker stopped, and takes no more work."""
+
+
+# an idle scheduler gives its batch cache back after this long, so a burst does not hold memory for good
+IDLE_RELEASE_SECONDS = 30.0
 
 
 @dataclass(eq=False)  # a request is itself, never equal to another by its fields
@@ -48,6 +52,14 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def send(self, item: Chunk | BaseException | None) -> None:
+        """Deliver to the caller; a caller that can no longer take it (its event loop closed) is
+        cancelled instead of breaking the worker."""
+        try:
+            self.deliver(item)
+        except Exception:
+            self.cancel()
 
 
 @dataclass(eq=False)
@@ -65,7 +77,13 @@ class _Row:
 
 class Scheduler:
     def __init__(
-        self, engine: Engine, max_active: int = 16, max_queue: int = 64, max_sequence_length: int = 4096
+        self,
+        engine: Engine,
+        max_active: int = 16,
+        max_queue: int = 64,
+        max_sequence_length: int = 4096,
+        on_failure: Callable[[BaseException], None] | None = None,
+        idle_release_seconds: float = IDLE_RELEASE_SECONDS,
     ) -> None:
         self.engine = engine
         self.max_active = max_active
@@ -79,8 +97,17 @@ class Scheduler:
         self._rows: list[_Row] = []
         self._wakeup = threading.Condition()
         self._closed = False
+        #: what stopped the worker, if anything did; then every request is refused
+        self.failure: BaseException | None = None
+        self._on_failure = on_failure
+        self._idle_release_seconds = idle_release_seconds
         self._thread = threading.Thread(target=self._run, name="glmkit-scheduler", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker is running and takes requests."""
+        return self.failure is None and self._thread.is_alive()
 
     @property
     def load(self) -> tuple[int, int]:
@@ -93,6 +120,8 @@ class Scheduler:
         with self._wakeup:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
+            if self.failure is not None:
+                raise SchedulerClosed(f"the generation worker has stopped ({self.failure!r})")
             self._waiting = deque(h for h in self._waiting if not h.cancelled.is_set())
             if len(self._active) + len(self._waiting) >= self.max_active + self.max_queue:
                 raise QueueFull(f"{self.max_active + self.max_queue} requests are already running or queued")
@@ -128,8 +157,21 @@ class Scheduler:
     def _run(self) -> None:
         # inference mode for the whole thread: interleaved requests' generators enter and leave their
         # own inference_mode blocks out of order, which would otherwise switch it off under another one
-        with torch.inference_mode():
-            self._serve()
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except BaseException as exc:  # a defect outside any request: refuse work from now on, loudly
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._wakeup:
+            self.failure = exc
+            pending = [*self._active, *self._waiting]
+            self._active, self._waiting = [], deque()
+        for handle in pending:
+            handle.send(SchedulerClosed(f"the generation worker has stopped ({exc!r})"))
+        if self._on_failure is not None:
+            self._on_failure(exc)
 
     def _serve(self) -> None:
         step = self._step_batched if self.batched else self._step_interleaved
@@ -138,16 +180,32 @@ class Scheduler:
             with self._wakeup:
                 if self._closed:
                     for handle in [*self._active, *self._waiting]:
-                        handle.deliver(SchedulerClosed("the server is shutting down"))
+                        handle.send(SchedulerClosed("the server is shutting down"))
                     return
-            step(admitted)
+            try:
+                step(admitted)
+            except Exception as exc:
+                # each request's own work is guarded where it runs; this is a defect in the step itself,
+                # so the requests in it fail and the worker starts over with a fresh batch
+                self._abandon_all(exc)
+
+    def _abandon_all(self, exc: Exception) -> None:
+        with self._wakeup:
+            handles, self._active = self._active, []
+        for handle in handles:
+            if handle.stream is not None:
+                handle.stream.close()
+            handle.send(exc)
+        self._rows = []
+        self._cache = None
 
     def _admit(self) -> list[RequestHandle]:
         """Wait for work; move waiting requests into free places and return them."""
         admitted = []
         with self._wakeup:
             while not self._closed and not self._waiting and not self._active:
-                self._wakeup.wait()
+                if not self._wakeup.wait(timeout=self._idle_release_seconds):
+                    self._cache = None  # idle for a while: give the batch cache's memory back
             while self._waiting and len(self._active) < self.max_active:
                 handle = self._waiting.popleft()
                 if not handle.cancelled.is_set():
@@ -175,12 +233,12 @@ class Scheduler:
         try:
             chunk = next(handle.stream)
         except StopIteration:
-            handle.deliver(None)
+            handle.send(None)
             return True
         except Exception as exc:  # delivered to the request's caller; the worker lives on
-            handle.deliver(exc)
+            handle.send(exc)
             return True
-        handle.deliver(chunk)
+        handle.send(chunk)
         return chunk.finish_reason is not None
 
     # batched: one forward pass gives every active request its next token
@@ -204,7 +262,7 @@ class Scheduler:
                 )
             except Exception as exc:  # the whole batch fails together; the worker lives on
                 for row in live:
-                    row.handle.deliver(exc)
+                    row.handle.send(exc)
                 finished += live
             else:
                 for i, row in enumerate(live):
@@ -220,6 +278,7 @@ class Scheduler:
         model = self.engine.model
         try:
             reply = self.engine.new_reply(len(handle.prompt_ids), handle.config, self.context_length)
+            generator = seeded_generator(handle.config, model.device)
             # rows grow to what requests need (doubling), not to the whole window: memory follows use
             needed = len(handle.prompt_ids) + reply.budget
             if self._cache is None:
@@ -230,11 +289,11 @@ class Scheduler:
             slot = next(i for i in range(self.max_active) if i not in used)
             prompt = torch.tensor([handle.prompt_ids], device=model.device)
             logits = model(prompt, cache=self._cache.row(slot), last_only=True).logits[:, -1]
-        except Exception as exc:
-            handle.deliver(exc)
+        except Exception as exc:  # this request fails alone
+            handle.send(exc)
             self._retire([handle])
             return None
-        row = _Row(handle, reply, slot, len(handle.prompt_ids), prompt, seeded_generator(handle.config, model.device))
+        row = _Row(handle, reply, slot, len(handle.prompt_ids), prompt, generator)
         self._rows.append(row)
         self._sample(row, logits)
         return row
@@ -242,17 +301,21 @@ class Scheduler:
     def _sample(self, row: _Row, logits: torch.Tensor) -> None:
         try:
             token = next_token(logits, row.handle.config, row.seen, row.generator)
+            row.seen = torch.cat([row.seen, token[:, None]], dim=1)
+            row.last_token = int(token)
         except Exception as exc:  # ends this request only
-            row.handle.deliver(exc)
+            row.handle.send(exc)
             row.reply.done = True
-            return
-        row.seen = torch.cat([row.seen, token[:, None]], dim=1)
-        row.last_token = int(token)
 
     def _emit(self, row: _Row) -> bool:
         """Hand the row's newest token to its reply; return whether the request has finished."""
         if row.reply.done:
             return True
-        for chunk in row.reply.push(row.last_token):
-            row.handle.deliver(chunk)
+        try:
+            chunks = row.reply.push(row.last_token)
+        except Exception as exc:  # e.g. a token the tokenizer cannot decode: this request only
+            row.handle.send(exc)
+            return True
+        for chunk in chunks:
+            row.handle.send(chunk)
         return row.reply.done

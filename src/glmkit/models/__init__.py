@@ -11,17 +11,56 @@ from typing import Any
 
 import torch
 
-from glmkit.errors import GlmkitError
+from glmkit.errors import GlmkitError, first_line
+
+# sizes that every family reads from config.json; each, where present, must be a positive whole number
+# (null is left to the family for the optional ones, and refused for the sizes every network needs)
+_REQUIRED_WHEN_PRESENT = ("hidden_size", "num_hidden_layers", "num_layers", "num_attention_heads", "vocab_size")
+_SIZE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "ffn_hidden_size",
+    "inner_hidden_size",
+    "kv_channels",
+    "multi_query_group_num",
+    "vocab_size",
+    "padded_vocab_size",
+    "max_position_embeddings",
+    "seq_length",
+    "max_sequence_length",
+)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; any other content is the user's error, said in one line."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GlmkitError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise GlmkitError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise GlmkitError(f"{model_dir} has no config.json: is it a model directory?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GlmkitError(f"{path} is not valid JSON: {exc}") from exc
+    config = read_json_object(path)
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise GlmkitError(f"{path}: model_type must be a string, not {model_type!r}")
+    for name in _SIZE_FIELDS:
+        value = config.get(name, 1)
+        if value is None and name not in _REQUIRED_WHEN_PRESENT:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GlmkitError(f"{path}: {name} must be a positive whole number, not {value!r}")
+    return config
 
 
 CHATGLM_FAMILIES = ("chatglm", "chatglm2")
@@ -65,7 +104,7 @@ def load_model(
     if family == "hf":
         from glmkit.models.hf_causal_lm import HFCausalLM
 
-        return HFCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+        return HFCausalLM.from_pretrained(model_dir, config, dtype=dtype, device=device)
     if family == "chatglm":
         from glmkit.models.chatglm import ChatGLMForConditionalGeneration as family_class
     else:
@@ -83,12 +122,10 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
         return ChatGLMTokenizer.from_pretrained(tokenizer_dir)
     tokenizer_config = tokenizer_dir / "tokenizer_config.json"
-    if (
-        (tokenizer_dir / "tokenizer.model").is_file()
-        and tokenizer_config.is_file()
-        and json.loads(tokenizer_config.read_text(encoding="utf-8")).get("tokenizer_class", "").lower()
-        == "chatglmtokenizer"
-    ):
+    tokenizer_class = read_json_object(tokenizer_config).get("tokenizer_class") if tokenizer_config.is_file() else None
+    if tokenizer_class is not None and not isinstance(tokenizer_class, str):
+        raise GlmkitError(f"{tokenizer_config}: tokenizer_class must be a string, not {tokenizer_class!r}")
+    if (tokenizer_dir / "tokenizer.model").is_file() and (tokenizer_class or "").lower() == "chatglmtokenizer":
         from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 
         return ChatGLM2Tokenizer.from_pretrained(tokenizer_dir)
@@ -101,5 +138,5 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise GlmkitError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise GlmkitError(f"cannot load a tokenizer from {tokenizer_dir}: {first_line(exc)}") from exc

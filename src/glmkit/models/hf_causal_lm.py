@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from glmkit.errors import GlmkitError
+from glmkit.errors import GlmkitError, first_line
 from glmkit.models.base import CausalLMOutput
 
 
@@ -46,12 +49,23 @@ class HFCausalLM(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, path: Path, dtype: torch.dtype, device: torch.device) -> HFCausalLM:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    def from_pretrained(
+        cls, path: Path, config: dict[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> HFCausalLM:
+        model_type = config.get("model_type")
+        if model_type is None:
+            raise GlmkitError(f"{path}/config.json has no model_type: glmkit cannot tell which network it holds")
+        if model_type not in CONFIG_MAPPING:
+            needs_code = " (its auto_map points to code shipped with the checkpoint, which glmkit never runs)"
+            raise GlmkitError(
+                f"{path}: model_type {model_type!r} is neither a glmkit family nor known to transformers "
+                f"{transformers.__version__}{needs_code if 'auto_map' in config else ''}"
+            )
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
-        except ValueError as exc:
-            raise GlmkitError(f"transformers cannot build a causal LM from {path}: {exc}") from exc
+            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, trust_remote_code=False)
+        except (ValueError, TypeError, KeyError, OSError, StrictDataclassError) as exc:
+            raise GlmkitError(f"transformers cannot build a causal LM from {path}: {first_line(exc)}") from exc
         return cls(model.to(device).eval())
 
     @property

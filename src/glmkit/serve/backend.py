@@ -58,9 +58,12 @@ class Reply:
     async def complete(self) -> Completion:
         pieces: list[str] = []
         last = self._first
-        async for chunk in self.chunks():
-            pieces.append(chunk.text)
-            last = chunk
+        try:
+            async for chunk in self.chunks():
+                pieces.append(chunk.text)
+                last = chunk
+        except SchedulerClosed as exc:  # shutting down: the reply was cut before it was whole
+            raise APIError(503, str(exc), type="server_error", code="unavailable") from None
         return Completion("".join(pieces), last.finish_reason or "length", last.prompt_tokens, last.completion_tokens)
 
 

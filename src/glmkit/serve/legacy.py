@@ -13,13 +13,14 @@ from fastapi import APIRouter, Request
 
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import parse_body
+from glmkit.serve.openapi import ERROR_RESPONSES, json_body
 from glmkit.serve.schemas import LegacyRequest
 
 
 def router(backend: Backend) -> APIRouter:
     api = APIRouter()
 
-    @api.post("/")
+    @api.post("/", openapi_extra=json_body(LegacyRequest), responses=ERROR_RESPONSES)
     async def legacy_chat(request: Request) -> dict[str, Any]:
         body = parse_body(LegacyRequest, await request.body())
         history = [list(pair) for pair in body.history or []]

@@ -1,5 +1,6 @@
 """Plain ASGI middleware (no ``BaseHTTPMiddleware``, which gets in the way of streaming and cancellation):
-the access log, the API key, the body size limit and stopping work for clients that went away."""
+the access log, the API key, the body size limit, stopping work for clients that went away, and one
+OpenAI-style 500 (logged once) for anything unexpected."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from glmkit.serve.errors import APIError
 
 access_log = logging.getLogger("glmkit.access")
+log = logging.getLogger("glmkit.serve")
 CLIENT_GONE = 499  # logged, never sent: nginx's code for "the client closed the request"
+# a refused body is read and dropped up to this size, so the client gets the 413 rather than a reset
+# connection; past it the connection is closed (nobody is owed an unbounded read)
+DRAIN_LIMIT_BYTES = 64 << 20
 
 
 def _under(path: str, prefixes: Sequence[str]) -> bool:
@@ -66,6 +71,32 @@ class AccessLog:
             access_log.info(line, *args)
 
 
+class InternalErrors:
+    """An unexpected exception becomes one logged line and, when nothing was sent yet, a 500 in the
+    OpenAI error shape.  Starlette's own handler would log it a second time and re-raise it to uvicorn."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            if not started:
+                await _reject(scope, receive, send, APIError(500, "internal server error", type="server_error"))
+
+
 class BearerAuth:
     """``Authorization: Bearer KEY`` on every path but the open ones, compared in constant time."""
 
@@ -104,8 +135,21 @@ class RequestBody:
         self.max_bytes = max_bytes
         self.exempt = tuple(exempt)
 
-    def _too_large(self) -> APIError:
-        return APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, received: int, more: bool) -> None:
+        """413, after reading what is left of the body while it stays within the drain limit."""
+        while more and received <= DRAIN_LIMIT_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            received += len(message.get("body", b""))
+            more = bool(message.get("more_body"))
+        error = APIError(
+            413,
+            f"the request body is larger than {self.max_bytes} bytes",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
+        await _reject(scope, receive, send, error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _under(scope["path"], self.exempt):
@@ -113,7 +157,8 @@ class RequestBody:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await _reject(scope, receive, send, self._too_large())
+            # a body declared past the drain limit is not read at all
+            await self._refuse(scope, receive, send, 0, int(declared) <= DRAIN_LIMIT_BYTES)
             return
         body = bytearray()
         while True:
@@ -122,7 +167,7 @@ class RequestBody:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                await _reject(scope, receive, send, self._too_large())
+                await self._refuse(scope, receive, send, len(body), bool(message.get("more_body")))
                 return
             if not message.get("more_body"):
                 break

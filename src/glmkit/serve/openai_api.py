@@ -16,8 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from glmkit.engine.scheduler import SchedulerClosed
 from glmkit.serve.backend import Backend, Reply
 from glmkit.serve.errors import APIError, parse_body
+from glmkit.serve.openapi import ERROR_RESPONSES, json_body
 from glmkit.serve.schemas import ChatCompletionRequest
 
 log = logging.getLogger("glmkit.serve")
@@ -52,9 +54,16 @@ async def _sse(reply: Reply, head: dict[str, Any], include_usage: bool) -> Async
             if piece.finish_reason:
                 yield chunk({}, piece.finish_reason)
                 usage = _usage(piece.prompt_tokens, piece.completion_tokens)
-    except Exception as exc:  # the 200 is already sent: tell the client in the stream, keep the worker
+    # the 200 is already sent: an error is told in the stream, which still ends properly
+    except SchedulerClosed as exc:  # the server is stopping and the grace period is over
+        log.warning("stream cut: %s", exc)
+        yield _event(APIError(503, str(exc), type="server_error", code="unavailable").body())
+        yield _event("[DONE]")
+        return
+    except Exception as exc:
         log.error("generation failed mid-stream", exc_info=exc)
         yield _event(APIError(500, f"generation failed: {exc}", type="server_error").body())
+        yield _event("[DONE]")
         return
     if include_usage:
         yield _event({**head, "choices": [], "usage": usage})
@@ -70,7 +79,12 @@ def router(backend: Backend) -> APIRouter:
         model = {"id": backend.chat_model.name, "object": "model", "created": created, "owned_by": "glmkit"}
         return {"object": "list", "data": [model]}
 
-    @api.post("/chat/completions", response_model=None)
+    @api.post(
+        "/chat/completions",
+        response_model=None,
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=ERROR_RESPONSES,
+    )
     async def chat_completions(request: Request) -> dict[str, Any] | StreamingResponse:
         body = parse_body(ChatCompletionRequest, await request.body())
         messages = body.template_messages()

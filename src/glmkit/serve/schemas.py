@@ -7,11 +7,12 @@ change the answer in a way glmkit cannot honour are refused unless they hold the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from glmkit.engine.config import MAX_SEED, MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from glmkit.templates import Message
 
 
@@ -91,6 +92,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
 # OpenAI fields glmkit cannot honour, accepted only at their neutral values
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -110,9 +113,11 @@ class ChatCompletionRequest(_Body):
     top_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    stop: list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    stop: list[StopString] | None = Field(
+        None, max_length=MAX_STOP_STRINGS, description="a list of stop strings; a single string is accepted too"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     character: Character | None = None
     n: int | None = None
@@ -130,13 +135,6 @@ class ChatCompletionRequest(_Body):
             raise PydanticCustomError("stop_type", "stop must be a string or a list of strings")
         return [value] if isinstance(value, str) else value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not all(value):
-            raise PydanticCustomError("empty_stop", "stop strings must not be empty")
-        return value
-
     @field_validator(*_NEUTRAL)
     @classmethod
     def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
@@ -151,3 +149,16 @@ class ChatCompletionRequest(_Body):
 
     def template_messages(self) -> list[Message]:
         return [message.to_template() for message in self.messages]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What every error response holds, as OpenAI's API sends it."""
+
+    error: ErrorDetail
