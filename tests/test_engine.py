@@ -8,7 +8,7 @@ import torch
 from glmkit.engine import DecodeSession, GenerationConfig, generate_tokens
 from glmkit.engine.config import token_budget
 from glmkit.engine.detokenizer import StreamingDetokenizer
-from glmkit.engine.sampling import filter_top_k_top_p, next_token
+from glmkit.engine.sampling import Sampler, filter_top_k_top_p
 from glmkit.engine.stop_strings import StopStringMatcher
 from glmkit.errors import GlmkitError
 
@@ -71,19 +71,21 @@ def test_budget_errors():
 
 
 def test_top_k_top_p_filter():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [[False, False, True, True, True]]
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3)
     probs = logits.softmax(-1)[0]
-    kept = ~torch.isinf(filter_top_k_top_p(logits, 0, float(probs[0] + probs[1] / 2)))
-    assert kept.tolist() == [[True, True, False, False, False]]
-    assert (~torch.isinf(filter_top_k_top_p(logits, 0, 1e-6))).sum() == 1
+    top_k = torch.tensor([2, 0, 0])
+    top_p = torch.tensor([float("inf"), float(probs[0] + probs[1] / 2), 1e-6])
+    kept = ~torch.isinf(filter_top_k_top_p(logits, top_k, top_p))
+    assert kept.tolist() == [[True, True, False, False, False], [True, True, False, False, False], [True] + [False] * 4]
 
 
 def test_repetition_penalty_discourages_seen_tokens():
     logits = torch.tensor([[2.0, 2.1, -1.0]])
     config = GenerationConfig(do_sample=False, repetition_penalty=2.0)
-    assert next_token(logits, config, torch.tensor([[1]])).item() == 0
-    assert next_token(logits, config.updated(repetition_penalty=1.0), torch.tensor([[1]])).item() == 1
+    for penalty, expected in ((2.0, 0), (1.0, 1)):
+        sampler = Sampler(1, "cpu")
+        sampler.assign(0, config.updated(repetition_penalty=penalty), [1])
+        assert sampler.sample(logits, slice(0, 1)).item() == expected
 
 
 def test_stop_string_matcher_holds_back_partial_matches():

@@ -13,7 +13,8 @@ import torch
 
 from glmkit.engine.config import GenerationConfig, token_budget
 from glmkit.engine.reply import Chunk, ReplyBuilder
-from glmkit.engine.sampling import next_token, seeded_generator
+from glmkit.engine.sampling import Sampler
+from glmkit.engine.step import DecodeStep
 from glmkit.engine.stop_strings import cut_at_stop
 from glmkit.models.base import Cache, CausalLM
 
@@ -74,31 +75,52 @@ def iter_tokens(
     use_cache: bool = True,
     session: DecodeSession | None = None,
 ) -> Iterator[int]:
-    """Yield generated ids one by one, a stop id included; ends at a stop id or when the budget is spent."""
+    """Yield generated ids one by one, a stop id included; ends at a stop id or when the budget is spent.
+
+    With a cache, models that have ``decode_rows`` decode through the engine's ``DecodeStep`` (on CUDA a
+    replayed graph); the others, and ``use_cache=False``, run their ``forward`` a token at a time."""
     if not prompt_ids:
         raise ValueError("empty prompt")
     budget = token_budget(len(prompt_ids), config, model.context_length)
     stops = set(stop_token_ids) | set(config.stop_token_ids)
     device = _model_device(model)
-    generator = seeded_generator(config, device)
-    seen = torch.tensor([prompt_ids], device=device)
+    sampler = Sampler(1, device)
+    sampler.assign(0, config, prompt_ids)
+    first = slice(0, 1)
     cache, cached = (None, 0)
     if use_cache:
         cache, cached = _prepare_cache(model, prompt_ids, len(prompt_ids) + budget, session)
-    pending = seen[:, cached:] if use_cache else seen
+    ids = list(prompt_ids)
     try:
         with torch.inference_mode():
-            for _ in range(budget):
-                logits = model(pending, cache=cache, last_only=True).logits[:, -1]
-                if session is not None and use_cache:
-                    session.tokens.extend(pending[0].tolist())
-                token = next_token(logits, config, seen, generator)
-                token_id = int(token)
-                seen = torch.cat([seen, token[:, None]], dim=1)
-                pending = token[:, None] if use_cache else seen
+            logits = model(torch.tensor([ids[cached:]], device=device), cache=cache, last_only=True).logits[:, -1]
+            if session is not None and use_cache:
+                session.tokens.extend(ids[cached:])
+            step = DecodeStep(model, cache) if use_cache and hasattr(model, "decode_rows") else None
+            if step is not None:
+                step.place(0, 0, cache.length)
+            for produced in range(1, budget + 1):
+                token = sampler.sample(logits, first)
+                more = produced < budget
+                if step is not None and more:
+                    # start the next step before waiting for this token: the device computes it while
+                    # the host reads the token and the caller handles it (wasted only after a stop id)
+                    step.feed(token)
+                    logits = step.run(1)
+                token_id = int(token)  # the one host sync of a step
                 yield token_id
-                if token_id in stops:
+                if token_id in stops or not more:
                     return
+                ids.append(token_id)
+                if step is not None:
+                    cache.length += 1  # the step stored the token's key/value
+                    if session is not None:
+                        session.tokens.append(token_id)
+                    continue
+                pending = ids[-1:] if use_cache else ids
+                logits = model(torch.tensor([pending], device=device), cache=cache, last_only=True).logits[:, -1]
+                if session is not None and use_cache:
+                    session.tokens.append(token_id)
     except GeneratorExit:  # the caller stopped reading at a yield: the cache is whole
         raise
     except BaseException:

@@ -6,8 +6,10 @@ step and frees its place.  Past ``max_active + max_queue`` requests, ``QueueFull
 server can answer 429 instead of queueing without bound.
 
 Models with ``decode_rows`` (``models/llama.py``, ``models/chatglm2.py``) decode all active requests as one batch: each
-request owns a row of one preallocated KV cache and sits at its own position.  Other models get the
-same interface with requests advanced in turn, one step each.
+request owns a row of one preallocated KV cache and sits at its own position, and every step is the
+engine's ``DecodeStep`` (a replayed CUDA graph per batch-size bucket on CUDA) followed by one batched
+draw of the ``Sampler`` and one host sync.  Other models get the same interface with requests advanced
+in turn, one step each.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from glmkit.engine.config import GenerationConfig
 from glmkit.engine.generate import Engine
 from glmkit.engine.reply import Chunk, ReplyBuilder
-from glmkit.engine.sampling import next_token, seeded_generator
+from glmkit.engine.sampling import Sampler
+from glmkit.engine.step import DecodeStep
 from glmkit.errors import GlmkitError
 
 # what a request's callback receives: a chunk, an error, or None once the stream has ended
@@ -70,9 +73,7 @@ class _Row:
     reply: ReplyBuilder
     slot: int
     length: int  # positions of the row filled so far
-    seen: torch.Tensor  # prompt and reply ids, for the repetition penalty
-    generator: torch.Generator | None
-    last_token: int = 0
+    last_token: int
 
 
 class Scheduler:
@@ -92,6 +93,8 @@ class Scheduler:
         #: the longest prompt + reply one request may have (a row of the batch cache holds this many)
         self.context_length = min(engine.model.context_length, max_sequence_length)
         self._cache = None  # allocated at the first batched request, lengthened as requests need
+        self._step: DecodeStep | None = None  # the decode step and sampling state over its rows
+        self._sampler: Sampler | None = None
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[RequestHandle] = []
         self._rows: list[_Row] = []
@@ -197,7 +200,10 @@ class Scheduler:
                 handle.stream.close()
             handle.send(exc)
         self._rows = []
-        self._cache = None
+        self._release_cache()
+
+    def _release_cache(self) -> None:
+        self._cache, self._step, self._sampler = None, None, None
 
     def _admit(self) -> list[RequestHandle]:
         """Wait for work; move waiting requests into free places and return them."""
@@ -205,7 +211,7 @@ class Scheduler:
         with self._wakeup:
             while not self._closed and not self._waiting and not self._active:
                 if not self._wakeup.wait(timeout=self._idle_release_seconds):
-                    self._cache = None  # idle for a while: give the batch cache's memory back
+                    self._release_cache()  # idle for a while: give the batch cache's memory back
             while self._waiting and len(self._active) < self.max_active:
                 handle = self._waiting.popleft()
                 if not handle.cancelled.is_set():
@@ -241,9 +247,8 @@ class Scheduler:
         handle.send(chunk)
         return chunk.finish_reason is not None
 
-    # batched: one forward pass gives every active request its next token
+    # batched: one decode step gives every active request its next token
     def _step_batched(self, admitted: list[RequestHandle]) -> None:
-        model = self.engine.model
         finished: list[_Row] = []
         for handle in admitted:
             row = self._prefill(handle)
@@ -252,22 +257,21 @@ class Scheduler:
         live = [r for r in self._rows if r not in finished and not r.handle.cancelled.is_set()]
         finished += [r for r in self._rows if r.handle.cancelled.is_set()]
         if live:
-            device = model.device
+            # rows 0..n-1 step together (free rows among them idle along); requests take the lowest free row
+            n = max(r.slot for r in live) + 1
             try:
-                logits = model.decode_rows(
-                    torch.tensor([[r.last_token] for r in live], device=device),
-                    self._cache,
-                    torch.tensor([r.slot for r in live], device=device),
-                    torch.tensor([r.length for r in live], device=device),
-                )
+                assert self._step is not None and self._sampler is not None
+                tokens = self._sampler.sample(self._step.run(n), slice(0, n))
+                self._step.feed(tokens)
+                token_ids = tokens.tolist()  # the one host sync of a step, for all rows together
             except Exception as exc:  # the whole batch fails together; the worker lives on
                 for row in live:
                     row.handle.send(exc)
                 finished += live
             else:
-                for i, row in enumerate(live):
+                for row in live:
                     row.length += 1
-                    self._sample(row, logits[i : i + 1])
+                    row.last_token = token_ids[row.slot]
                     if self._emit(row):
                         finished.append(row)
         self._rows = [r for r in self._rows if r not in finished]
@@ -278,34 +282,30 @@ class Scheduler:
         model = self.engine.model
         try:
             reply = self.engine.new_reply(len(handle.prompt_ids), handle.config, self.context_length)
-            generator = seeded_generator(handle.config, model.device)
             # rows grow to what requests need (doubling), not to the whole window: memory follows use
             needed = len(handle.prompt_ids) + reply.budget
             if self._cache is None:
                 self._cache = model.new_cache(self.max_active, needed)
+                self._step = DecodeStep(model, self._cache)
+                self._sampler = Sampler(self.max_active, model.device)
             elif self._cache.max_length < needed:
                 self._cache.grow(min(self.context_length, max(needed, 2 * self._cache.max_length)))
+            assert self._step is not None and self._sampler is not None
             used = {r.slot for r in self._rows}
             slot = next(i for i in range(self.max_active) if i not in used)
             prompt = torch.tensor([handle.prompt_ids], device=model.device)
             logits = model(prompt, cache=self._cache.row(slot), last_only=True).logits[:, -1]
+            self._sampler.assign(slot, handle.config, handle.prompt_ids)
+            token = self._sampler.sample(logits, slice(slot, slot + 1))
+            self._step.place(slot, token[0], len(handle.prompt_ids))
+            first = int(token)
         except Exception as exc:  # this request fails alone
             handle.send(exc)
             self._retire([handle])
             return None
-        row = _Row(handle, reply, slot, len(handle.prompt_ids), prompt, generator)
+        row = _Row(handle, reply, slot, len(handle.prompt_ids), first)
         self._rows.append(row)
-        self._sample(row, logits)
         return row
-
-    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
-        try:
-            token = next_token(logits, row.handle.config, row.seen, row.generator)
-            row.seen = torch.cat([row.seen, token[:, None]], dim=1)
-            row.last_token = int(token)
-        except Exception as exc:  # ends this request only
-            row.handle.send(exc)
-            row.reply.done = True
 
     def _emit(self, row: _Row) -> bool:
         """Hand the row's newest token to its reply; return whether the request has finished."""

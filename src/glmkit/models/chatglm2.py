@@ -256,23 +256,21 @@ class ChatGLMModel(nn.Module):
         return h
 
     def decode_rows(
-        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor
     ) -> torch.Tensor:
         """Final hidden states ``[n, 1, hidden]`` for one new token of each of ``n`` sequences held in rows
         of ``cache`` (see ``ChatGLM2ForConditionalGeneration.decode_rows``)."""
         cfg = self.config
-        span = int(positions.max()) + 1
-        if span > cache.max_length:
-            raise ValueError(f"KV cache holds {cache.max_length} positions, {span} requested")
         dtype = self.embedding.word_embeddings.weight.dtype
         prefix = self._prefix(cache, input_ids.shape[0], dtype)  # the same for every row: kept in cache.state
-        # [n, 1, 1, prefix+span]: each row sees the prefix and its own positions up to the new token, not
-        # the stale tail that a longer row, or an earlier request in the same row, left in the cache
-        blocked = torch.arange(span, device=positions.device)[None] > positions[:, None]
+        # static shapes, no host sync: every row attends over the cache's whole capacity, and the mask
+        # [n, 1, 1, prefix+capacity] hides what lies past its own new token (the stale tail that a longer
+        # row, or an earlier request in the same row, left there)
+        blocked = torch.arange(cache.max_length, device=positions.device)[None] > positions[:, None]
         if prefix is not None:
             blocked = F.pad(blocked, (cfg.pre_seq_len, 0), value=False)
         cos, sin = rotary_cos_sin(positions[:, None], cfg.kv_channels, 10000 * cfg.rope_ratio, dtype)
-        slots = RowSlots(cache, rows, positions, span)
+        slots = RowSlots(cache, rows, positions)
         return self._layers(self.embedding(input_ids), cos, sin, blocked[:, None, None], slots, prefix)
 
     def _layers(
@@ -339,23 +337,30 @@ class ChatGLMModel(nn.Module):
 
 class RowSlots:
     """Stands in for a ``KVCache`` in ``decode_rows``: the new key/value of sequence ``j`` goes to row
-    ``rows[j]`` of ``cache`` at index ``positions[j]``, and attention reads the first ``span`` positions of
-    those rows (the mask hides what lies past each row's own length)."""
+    ``rows[j]`` of ``cache`` (row ``j`` when ``rows`` is None) at index ``positions[j]``, and attention
+    reads those rows whole (the mask hides what lies past each row's own length).
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor, span: int) -> None:
+    With ``rows=None`` the rows are the leading ones, read as a view of the cache: no gather, the same
+    addresses at every step, which is what a CUDA graph replays."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor) -> None:
         self.cache = cache
-        self.span = span
-        self._index = {rows.device: (rows, positions)}  # per device: layers may be spread over GPUs
+        self.rows = rows
+        self.positions = positions
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if keys.device not in self._index:
-            rows, positions = next(iter(self._index.values()))
-            self._index[keys.device] = (rows.to(keys.device), positions.to(keys.device))
-        rows, positions = self._index[keys.device]
+        positions = self.positions.to(keys.device)  # layers may be spread over GPUs
+        if self.rows is None:
+            keys, values = keys[: key.shape[0]], values[: key.shape[0]]
+            rows = torch.arange(key.shape[0], device=keys.device)
+        else:
+            rows = self.rows.to(keys.device)
         keys[rows, :, positions] = key[:, :, 0]
         values[rows, :, positions] = value[:, :, 0]
-        return keys[rows, :, : self.span], values[rows, :, : self.span]
+        if self.rows is None:
+            return keys, values
+        return keys[rows], values[rows]
 
 
 def full_attention_blocked(
@@ -448,14 +453,16 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
         return CausalLMOutput(logits=self.transformer.output_layer(h))
 
     def decode_rows(
-        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor
     ) -> torch.Tensor:
-        """One new token for each of several sequences stored in rows of ``cache`` (the scheduler's batch).
+        """One new token for each of several sequences stored in rows of ``cache`` (the engine's decode step).
 
-        ``input_ids`` ``[n, 1]``; row ``rows[i]`` holds ``positions[i]`` tokens, filled by ``forward`` on
-        ``cache.row(rows[i])`` without ``attention_mask`` or ``position_ids`` (so a token's position is its
-        index in the row), and the new token goes to index ``positions[i]``.  A P-Tuning prefix is seen by
-        every row, as in ``forward``.  Returns next-token logits ``[n, vocab]``; the caller keeps the lengths.
+        ``input_ids`` ``[n, 1]``; row ``rows[i]`` (row ``i`` when ``rows`` is None) holds ``positions[i]``
+        tokens, filled by ``forward`` on ``cache.row(rows[i])`` without ``attention_mask`` or ``position_ids``
+        (so a token's position is its index in the row), and the new token goes to index ``positions[i]``,
+        which must lie inside the cache.  A P-Tuning prefix is seen by every row, as in ``forward``.  Shapes
+        depend only on ``n`` and the cache, never on the positions, and nothing waits for the device.
+        Returns next-token logits ``[n, vocab]``; the caller keeps the lengths.
         """
         h = self.transformer.decode_rows(input_ids, cache, rows, positions)
         return self.transformer.output_layer(h)[:, -1]

@@ -244,21 +244,29 @@ class LlamaForCausalLM(nn.Module):
         return CausalLMOutput(logits=logits)
 
     def decode_rows(
-        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor
     ) -> torch.Tensor:
-        """One new token for each of several sequences stored in rows of ``cache``.
+        """One new token for each of several sequences stored in rows of ``cache`` (the engine's decode step).
 
-        ``input_ids`` ``[n, 1]``; row ``rows[i]`` of the cache holds ``positions[i]`` tokens before it.
+        ``input_ids`` ``[n, 1]``; row ``rows[i]`` (row ``i`` when ``rows`` is None) holds ``positions[i]``
+        tokens before it, and the new token goes to index ``positions[i]``, which must lie inside the cache.
+        Shapes depend only on ``n`` and the cache, never on the positions, and nothing waits for the device:
+        every row attends over the whole capacity, the mask hiding what lies past its own token.
         Returns next-token logits ``[n, vocab]``; the caller keeps the per-row lengths.
         """
-        span = int(positions.max()) + 1
-        mask = (torch.arange(span, device=positions.device)[None] <= positions[:, None])[:, None, None]
+        n = input_ids.shape[0]
+        mask = (torch.arange(cache.max_length, device=positions.device)[None] <= positions[:, None])[:, None, None]
+        index = torch.arange(n, device=positions.device) if rows is None else rows
 
         def store(i: int):
             def write_then_read(k: torch.Tensor, v: torch.Tensor):
-                cache.keys[i][rows, :, positions] = k[:, :, 0]
-                cache.values[i][rows, :, positions] = v[:, :, 0]
-                return cache.keys[i][rows, :, :span], cache.values[i][rows, :, :span]
+                # leading rows are read as a view (no gather): the same addresses every step
+                keys, values = cache.keys[i], cache.values[i]
+                if rows is None:
+                    keys, values = keys[:n], values[:n]
+                keys[index, :, positions] = k[:, :, 0]
+                values[index, :, positions] = v[:, :, 0]
+                return (keys, values) if rows is None else (keys[index], values[index])
 
             return write_then_read
 
