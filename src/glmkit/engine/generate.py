@@ -96,9 +96,8 @@ def iter_tokens(
             logits = model(torch.tensor([ids[cached:]], device=device), cache=cache, last_only=True).logits[:, -1]
             if session is not None and use_cache:
                 session.tokens.extend(ids[cached:])
-            step = DecodeStep(model, cache) if use_cache and hasattr(model, "decode_rows") else None
-            if step is not None:
-                step.place(0, 0, cache.length)
+            fast = use_cache and hasattr(model, "decode_rows")
+            step: DecodeStep | None = None  # made after the first token, so its capture is not in its wait
             for produced in range(1, budget + 1):
                 token = sampler.sample(logits, first)
                 more = produced < budget
@@ -112,13 +111,15 @@ def iter_tokens(
                 if token_id in stops or not more:
                     return
                 ids.append(token_id)
-                if step is not None:
+                if fast:
+                    if step is None:
+                        step = DecodeStep(model, cache)
+                        step.place(0, token_id, cache.length)
+                        logits = step.run(1)
                     cache.length += 1  # the step stored the token's key/value
-                    if session is not None:
-                        session.tokens.append(token_id)
-                    continue
-                pending = ids[-1:] if use_cache else ids
-                logits = model(torch.tensor([pending], device=device), cache=cache, last_only=True).logits[:, -1]
+                else:
+                    pending = ids[-1:] if use_cache else ids
+                    logits = model(torch.tensor([pending], device=device), cache=cache, last_only=True).logits[:, -1]
                 if session is not None and use_cache:
                     session.tokens.append(token_id)
     except GeneratorExit:  # the caller stopped reading at a yield: the cache is whole
@@ -192,6 +193,4 @@ class Engine:
             finish = chunk.finish_reason or finish
         text = self.tokenizer.decode(reply_ids, skip_special_tokens=self.skip_special_tokens)
         text, _ = cut_at_stop(text, config.stop)
-        return GenerationResult(
-            text=text, token_ids=reply_ids, finish_reason=finish, prompt_tokens=len(prompt_ids)
-        )
+        return GenerationResult(text=text, token_ids=reply_ids, finish_reason=finish, prompt_tokens=len(prompt_ids))
