@@ -221,6 +221,22 @@ def step_only(model, rows: int, mode: str, out: Path | None) -> float:
     return ms
 
 
+def step_agreement(model, ids: list[int], modes: list[str]) -> dict:
+    """Relative L2 difference of one step's logits between each mode and the first (same cache state)."""
+    from glmkit.engine.step import DecodeStep
+
+    logits = {}
+    with torch.inference_mode():
+        for mode in modes:
+            cache = model.new_cache(1, 384)
+            model(torch.tensor([ids], device=model.device), cache=cache, last_only=True)
+            step = DecodeStep(model, cache, mode=mode)
+            step.place(0, 1000, len(ids))
+            logits[mode] = step.run(1).float().clone()
+    first = logits[modes[0]]
+    return {m: float((x - first).norm() / first.norm()) for m, x in logits.items()}
+
+
 def hf_glm(model, config: dict, device: torch.device):
     """transformers' GlmForCausalLM of the same shape holding the same weight tensors (views, no copy)."""
     from transformers import GlmConfig, GlmForCausalLM
@@ -310,6 +326,8 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--modes", default="eager,graphs,compiled")
     parser.add_argument("--streams", default="8,64")
+    parser.add_argument("--step-modes", default="graphs,compiled", help="modes of the step-alone timings")
+    parser.add_argument("--skip-floor", action="store_true", help="skip the linears-only floor")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_decode.json")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -333,7 +351,8 @@ def main() -> None:
         bandwidth = copy_bandwidth(device, 8 * 2**30)
         report["copy_bandwidth_tb_s"] = bandwidth / 1e12
         report["batch1_limit_tok_s"] = bandwidth / weight_bytes
-        report["linears_floor_ms"] = {rows: linears_floor(model, rows) for rows in (1, 8, 64)}
+        if not args.skip_floor:
+            report["linears_floor_ms"] = {rows: linears_floor(model, rows) for rows in (1, 8, 64)}
         save("bandwidth")
     ids = prompt(prompt_len, vocab, 1)
     report["batch1"] = {}
@@ -350,6 +369,7 @@ def main() -> None:
             for mode in ("graphs", "compiled")
             for rows in (1, 8, 64)
         }
+        report["step_logits_rel_diff"] = step_agreement(model, ids, ["eager", "graphs", "compiled"])
         step_only(model, 1, "compiled", args.out.with_name("profile_step_b1.txt"))
         step_only(model, 64, "compiled", args.out.with_name("profile_step_b64.txt"))
         save("step only")

@@ -95,6 +95,7 @@ class Scheduler:
         self._cache = None  # allocated at the first batched request, lengthened as requests need
         self._step: DecodeStep | None = None  # the decode step and sampling state over its rows
         self._sampler: Sampler | None = None
+        self._in_flight: tuple[list[_Row], torch.Tensor] | None = None  # rows and logits of a launched step
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[RequestHandle] = []
         self._rows: list[_Row] = []
@@ -203,7 +204,7 @@ class Scheduler:
         self._release_cache()
 
     def _release_cache(self) -> None:
-        self._cache, self._step, self._sampler = None, None, None
+        self._cache, self._step, self._sampler, self._in_flight = None, None, None, None
 
     def _admit(self) -> list[RequestHandle]:
         """Wait for work; move waiting requests into free places and return them."""
@@ -247,35 +248,69 @@ class Scheduler:
         handle.send(chunk)
         return chunk.finish_reason is not None
 
-    # batched: one decode step gives every active request its next token
+    # batched: one decode step gives every active request its next token.  Steps are pipelined: the step
+    # launched at the end of one call is sampled at the start of the next, and the device runs the next
+    # step while the host hands out the tokens of the last one (a finished row's extra step is ignored)
     def _step_batched(self, admitted: list[RequestHandle]) -> None:
         finished: list[_Row] = []
+        sampled = self._sample_in_flight(finished)
         for handle in admitted:
             row = self._prefill(handle)
             if row is not None and self._emit(row):
                 finished.append(row)
-        live = [r for r in self._rows if r not in finished and not r.handle.cancelled.is_set()]
-        finished += [r for r in self._rows if r.handle.cancelled.is_set()]
-        if live:
-            # rows 0..n-1 step together (free rows among them idle along); requests take the lowest free row
-            n = max(r.slot for r in live) + 1
+        finished += [r for r in self._rows if r.handle.cancelled.is_set() and r not in finished]
+        self._launch([r for r in self._rows if r not in finished])
+        if sampled is not None:
+            rows, wait = sampled
             try:
-                assert self._step is not None and self._sampler is not None
-                tokens = self._sampler.sample(self._step.run(n), slice(0, n))
-                self._step.feed(tokens)
-                token_ids = tokens.tolist()  # the one host sync of a step, for all rows together
+                token_ids = wait()  # the one host sync of a step, for all rows together
             except Exception as exc:  # the whole batch fails together; the worker lives on
-                for row in live:
-                    row.handle.send(exc)
-                finished += live
+                self._fail_rows(rows, exc, finished)
             else:
-                for row in live:
-                    row.length += 1
-                    row.last_token = token_ids[row.slot]
-                    if self._emit(row):
-                        finished.append(row)
+                for row in rows:
+                    if row not in finished:
+                        row.length += 1
+                        row.last_token = token_ids[row.slot]
+                        if self._emit(row):
+                            finished.append(row)
         self._rows = [r for r in self._rows if r not in finished]
         self._retire([r.handle for r in finished])
+
+    def _launch(self, rows: list[_Row]) -> None:
+        """Start a decode step for ``rows`` (rows 0..n-1 step together, free rows among them idle along;
+        requests take the lowest free row)."""
+        if not rows:
+            return
+        assert self._step is not None
+        n = max(r.slot for r in rows) + 1
+        try:
+            self._in_flight = (rows, self._step.run(n))
+        except Exception as exc:
+            self._fail_rows(rows, exc, [])
+
+    def _sample_in_flight(self, finished: list[_Row]) -> tuple[list[_Row], Callable[[], list[int]]] | None:
+        """Sample the step in flight, feed its tokens to the next step and start copying them to the host."""
+        if self._in_flight is None:
+            return None
+        (rows, logits), self._in_flight = self._in_flight, None
+        rows = [r for r in rows if r in self._rows and not r.handle.cancelled.is_set()]
+        if not rows:
+            return None
+        assert self._step is not None and self._sampler is not None
+        try:
+            tokens = self._sampler.sample(logits, slice(0, logits.shape[0]))
+            self._step.feed(tokens)
+            return rows, self._step.to_host(tokens)
+        except Exception as exc:
+            self._fail_rows(rows, exc, finished)
+            return None
+
+    def _fail_rows(self, rows: list[_Row], exc: Exception, finished: list[_Row]) -> None:
+        for row in rows:
+            if row not in finished:
+                row.handle.send(exc)
+                row.reply.done = True
+                finished.append(row)
 
     def _prefill(self, handle: RequestHandle) -> _Row | None:
         """Run a new request's prompt into a free row and sample its first token."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,6 +82,7 @@ class DecodeStep:
         self._graphed = self.mode != "eager" and device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._graphed else None  # one pool for all buckets
+        self._host = torch.empty(self.rows, dtype=torch.int64, pin_memory=self._graphed)
         self._storage = cache.keys[0]  # a grown cache has new tensors: its graphs must be captured again
 
     def place(self, row: int, token: torch.Tensor | int, position: int) -> None:
@@ -90,11 +92,29 @@ class DecodeStep:
     def feed(self, tokens: torch.Tensor) -> None:
         self.tokens[: tokens.shape[0], 0] = tokens
 
+    def to_host(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """Start copying ``tokens`` to the host; the returned call waits for that copy alone (not for
+        work queued after it) and gives the ids."""
+        if not self._graphed:
+            return tokens.tolist
+        host = self._host[: tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[int]:
+            done.synchronize()
+            return host.tolist()
+
+        return wait
+
     def run(self, n: int) -> torch.Tensor:
         if not self._graphed:
             return self._forward(n)
         if self.cache.keys[0] is not self._storage:
+            # a pool whose graphs are all gone is freed: the new graphs need a new one
             self._graphs.clear()
+            self._pool = torch.cuda.graph_pool_handle()
             self._storage = self.cache.keys[0]
         b = bucket(n, self.rows)
         if b not in self._graphs:

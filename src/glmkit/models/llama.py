@@ -260,13 +260,12 @@ class LlamaForCausalLM(nn.Module):
 
         def store(i: int):
             def write_then_read(k: torch.Tensor, v: torch.Tensor):
-                # leading rows are read as a view (no gather): the same addresses every step
+                # written into the cache tensor itself (a compiler scatters in place; through a view it
+                # copies the view back); leading rows are read as a view, no gather
                 keys, values = cache.keys[i], cache.values[i]
-                if rows is None:
-                    keys, values = keys[:n], values[:n]
                 keys[index, :, positions] = k[:, :, 0]
                 values[index, :, positions] = v[:, :, 0]
-                return (keys, values) if rows is None else (keys[index], values[index])
+                return (keys[:n], values[:n]) if rows is None else (keys[index], values[index])
 
             return write_then_read
 
