@@ -16,6 +16,13 @@ needs_conformance = pytest.mark.skipif(
     not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
 )
 
+# real fine-tuning data (ADGEN rows), beside the checkout like the conformance data
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ADGEN = DATA / "adgen"
+needs_data = pytest.mark.skipif(
+    not ADGEN.is_dir(), reason=f"fine-tuning data not found at {ADGEN} (it sits beside the checkout)"
+)
+
 
 def load_expected(directory: Path) -> dict:
     """A folder's expected.json, or {} when the data is absent (its tests skip)."""

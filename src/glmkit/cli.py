@@ -299,15 +299,16 @@ def data_convert(
     typer.echo(f"{output}: {count} rows ({fmt})")
 
 
-def _apply_adapter(chat_model: Any, adapter: Path) -> None:
-    # LoRA adapters come with the trainer (glmkit.train.adapters); until it is there, say so plainly
+def _adapter_loader() -> Callable[[Any, Path], None]:
+    """``glmkit.train.adapters.apply_adapter``; LoRA adapters come with the trainer, and until that module
+    is there --adapter says so plainly (before any model is loaded)."""
     try:
         from glmkit.train.adapters import apply_adapter
     except ModuleNotFoundError as exc:
         if exc.name != "glmkit.train.adapters":
             raise
         raise GlmkitError("LoRA adapters are not supported yet (--adapter); use --ptuning-checkpoint") from None
-    apply_adapter(chat_model, adapter)
+    return apply_adapter
 
 
 @app.command("eval")
@@ -337,11 +338,12 @@ def eval_command(
     from glmkit.train.data import load_examples
     from glmkit.train.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate
 
+    apply_adapter = _adapter_loader() if adapter is not None else None
     examples = load_examples(data, data_args)
     template = data_args.template or ("characterglm" if data_args.character else None)
     chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, 1, source)
-    if adapter is not None:
-        _apply_adapter(chat_model, adapter)
+    if apply_adapter is not None:
+        apply_adapter(chat_model, adapter)
     sampling = temperature is not None and temperature > 0
     config = chat_model.generation(
         do_sample=sampling,

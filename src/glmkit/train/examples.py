@@ -9,7 +9,7 @@ from typing import Any
 from glmkit.errors import GlmkitError
 from glmkit.templates import TEMPLATE_NAMES, Message
 from glmkit.templates.characterglm import read_card
-from glmkit.train.formats import FORMATS, detect_format, normalize
+from glmkit.train.formats import FORMATS, detect_format, known_columns, normalize
 from glmkit.train.reading import read_records
 
 
@@ -131,7 +131,9 @@ def load_examples(path: str | Path, args: DataArgs) -> Examples:
         try:
             if record.problem:
                 raise GlmkitError(record.problem)
-            fmt = fmt or detect_format(record.value, args.prompt_column)
+            if fmt is None:
+                fmt = detect_format(record.value, args.prompt_column)
+                columns = known_columns(record.value, columns) if fmt == "columns" else columns
             messages, row_card = normalize(record.value, fmt, columns)
         except GlmkitError as exc:
             if not args.skip_bad_rows:

@@ -63,6 +63,15 @@ def detect_format(row: Any, prompt_column: str | None = None) -> str:
     )
 
 
+def known_columns(row: Any, columns: dict[str, str | None]) -> dict[str, str | None]:
+    """``columns`` with the prompt/response pair filled in from the row's keys when none was named, so
+    every row of a file is read with the pair its first row showed."""
+    if (columns.get("prompt") and columns.get("response")) or not isinstance(row, dict):
+        return columns
+    found = next(((p, r) for p, r in KNOWN_COLUMNS if p in row and r in row), None)
+    return {**columns, "prompt": found[0], "response": found[1]} if found else columns
+
+
 def normalize(row: Any, fmt: str, columns: dict[str, str | None]) -> tuple[list[Message], dict[str, str] | None]:
     """``(messages, character card or None)`` from one row of format ``fmt``; ``columns`` holds the
     ``prompt``/``response``/``history``/``system`` column names of the column format."""
@@ -109,8 +118,6 @@ def _system(text: str) -> list[Message]:
 
 def _columns(row: dict[str, Any], columns: dict[str, str | None]) -> list[Message]:
     prompt, response = columns.get("prompt"), columns.get("response")
-    if not prompt or not response:
-        prompt, response = next(((p, r) for p, r in KNOWN_COLUMNS if p in row and r in row), (prompt, response))
     if not prompt or not response:
         raise BadRow(f"name the prompt and response columns (--prompt-column, --response-column); keys: {sorted(row)}")
     history = columns.get("history")
