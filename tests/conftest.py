@@ -31,6 +31,30 @@ def load_expected(directory: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def v1():
+    """The real ChatGLM-6B tokenizer (ice_text.model)."""
+    from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
+
+    return ChatGLMTokenizer.from_pretrained(V1_DIR / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def v3():
+    """The real ChatGLM2/3 tokenizer (tokenizer.model), as chatglm3-6b configures it."""
+    from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
+
+    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def v2():
+    """The same tokenizer.model, named as chatglm2-6b's tokenizer_config.json names it."""
+    from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
+
+    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer", name_or_path="THUDM/chatglm2-6b")
+
+
+@pytest.fixture(scope="session")
 def demo_chat():
     import glmkit
 

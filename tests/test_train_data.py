@@ -14,24 +14,12 @@ import torch
 from conftest import ADGEN, V1_DIR, V3_DIR, load_expected, needs_conformance, needs_data
 
 from glmkit.errors import GlmkitError
-from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
-from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 from glmkit.templates import get_template
 from glmkit.train.data import DataArgs, DataCollator, Example, load_examples, tokenize_examples
 
 V1 = load_expected(V1_DIR)
 V3 = load_expected(V3_DIR)
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def v1():
-    return ChatGLMTokenizer.from_pretrained(V1_DIR / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def v3():
-    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer")
 
 
 @pytest.fixture(scope="module")
