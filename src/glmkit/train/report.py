@@ -28,6 +28,22 @@ def histogram(lengths: Sequence[int], bins: int = 8) -> list[tuple[int, int, int
     return [(start, start + width - 1, counts.get(start, 0)) for start in range(low, high + 1, width)]
 
 
+def _decoded(ids: list[int], tokenizer: Any) -> str:
+    """The text of ``ids``; tokens that decode to nothing (special tokens some tokenizers hide even
+    with skip_special_tokens=False, such as ChatGLM-6B's [gMASK] <sop> <eop>) shown by name."""
+    text, run = "", []
+    for token in [*ids, None]:
+        if token is not None and tokenizer.decode([token], skip_special_tokens=False):
+            run.append(token)
+            continue
+        text += tokenizer.decode(run, skip_special_tokens=False) if run else ""
+        run = []
+        if token is not None:
+            name = tokenizer.eos_token if token == tokenizer.eos_token_id else tokenizer.convert_ids_to_tokens(token)
+            text += name or f"<id {token}>"
+    return text
+
+
 def masked_text(row: dict[str, list[int]], tokenizer: Any) -> Text:
     """A row's tokens decoded, trained spans (labels != -100) in bold green between ⟦ and ⟧."""
     text = Text()
@@ -38,7 +54,7 @@ def masked_text(row: dict[str, list[int]], tokenizer: Any) -> Text:
         end = start
         while end < len(ids) and (labels[end] != IGNORE) == trained:
             end += 1
-        piece = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+        piece = _decoded(ids[start:end], tokenizer)
         text.append(f"⟦{piece}⟧" if trained else piece, style="bold green" if trained else "dim")
         start = end
     return text
