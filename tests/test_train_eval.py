@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ADGEN, needs_data
+from conftest import ADGEN, V1_DIR, V3_DIR, needs_conformance, needs_data
 from typer.testing import CliRunner
 
 from glmkit.cli import app
@@ -47,6 +47,26 @@ def test_evaluate_batches_rows_and_writes_both_files(demo_chat, tmp_path, monkey
     predictions = read_lines(tmp_path / "out" / "generated_predictions.jsonl")
     assert [row["labels"] for row in predictions] == [example.response for example in examples]
     assert all(isinstance(row["predict"], str) for row in predictions)
+
+
+@needs_data
+@needs_conformance
+@pytest.mark.parametrize(("directory", "template"), [(V1_DIR, "chatglm"), (V3_DIR, "chatglm3")])
+def test_evaluate_tiny_chatglm_checkpoints(tmp_path, directory, template):
+    """ChatGLM-6B (requests interleaved) and ChatGLM3 (one batch) through the official layouts' prompts."""
+    import glmkit
+
+    model_dir = tmp_path / "model"  # the official-format checkpoint beside its tokenizer, linked
+    model_dir.mkdir()
+    for file in [*(directory / "checkpoint").iterdir(), *(directory / "tokenizer").iterdir()]:
+        (model_dir / file.name).symlink_to(file)
+    chat_model = glmkit.load(model_dir, device="cpu")
+    assert chat_model.template.name == template
+    args = DataArgs(max_rows=3)
+    config = chat_model.generation(do_sample=False, max_new_tokens=4)
+    metrics = evaluate(chat_model, load_examples(DEV, args), args, config, tmp_path / "out", progress=False)
+    assert metrics["rows"] == 3 and metrics["generated_tokens"] > 0
+    assert len(read_lines(tmp_path / "out" / "generated_predictions.jsonl")) == 3
 
 
 @needs_data
@@ -112,6 +132,17 @@ def test_data_convert(tmp_path):
     assert read_lines(tmp_path / "t.jsonl") == [{"content": "x", "summary": "y"}]
     # converted files read back as the same examples
     assert load_examples(tmp_path / "m.jsonl", DataArgs())[0].messages == messages
+
+
+def test_bad_row_is_one_error_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"content": "a", "summary": "b"}\n{"content": "a", "summary": ""}\n', encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "glmkit", "data", "tokenize", str(path), "--output", str(tmp_path / "o.jsonl")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {path}:2: empty response") and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args", [["--format", "yaml"], ["--max-source-length", "1"]])

@@ -357,7 +357,7 @@ def eval_command(
     if examples.skipped:
         typer.echo(f"{len(examples.skipped)} bad rows skipped; the first: {examples.skipped[0]}", err=True)
     metrics = evaluate(chat_model, examples, data_args, config, output, batch_size=batch_size)
-    typer.echo(", ".join(f"{key} {value}" for key, value in metrics.items()))
+    typer.echo(", ".join(f"{key} {round(value, 4)}" for key, value in metrics.items()))
     typer.echo(f"wrote {output / METRICS_FILE} and {output / PREDICTIONS_FILE}")
 
 
