@@ -46,7 +46,9 @@ class HFChatTemplate:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self._render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+            if all(earlier["role"] == "system" for earlier in messages[:i]):
+                raise GlmkitError("a reply needs a user message before it: chat templates do not start with one")
+            prompt = self._render(tokenizer, messages[:i], add_generation_prompt=True)
             turn = self._render(tokenizer, messages[: i + 1], add_generation_prompt=False)
             if not (text.startswith(prompt) and text.startswith(turn) and cuts[-1] <= len(prompt) <= len(turn)):
                 # e.g. templates that drop earlier turns' reasoning: the chat prompt is no prefix of the whole

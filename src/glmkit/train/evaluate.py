@@ -35,9 +35,15 @@ class Reply:
 
 
 def generate_all(
-    chat_model: Any, prompts: Sequence[list[int]], config: GenerationConfig, batch_size: int, progress: bool
+    chat_model: Any,
+    prompts: Sequence[list[int]],
+    config: GenerationConfig,
+    batch_size: int,
+    progress: bool,
+    names: Sequence[str],
 ) -> list[Reply]:
-    """The reply to every prompt, ``batch_size`` requests decoding together in the scheduler."""
+    """The reply to every prompt, ``batch_size`` requests decoding together in the scheduler; a user
+    mistake in one (a prompt longer than the context) raises GlmkitError with that prompt's name."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -61,6 +67,8 @@ def generate_all(
             task = bar.add_task("generating", total=len(prompts))
             for _ in prompts:
                 i, error = finished.get()
+                if isinstance(error, GlmkitError):
+                    raise GlmkitError(f"{names[i]}: {error}") from None
                 if error is not None:
                     raise error
                 bar.advance(task)
@@ -87,22 +95,27 @@ def evaluate(
 
     The prompt of a row is the prompt part of its training layout (``encode_example(...).prompt_ids``:
     ``source_prefix`` and the length limits as in training), so a tuned model is asked as it was taught.
-    Returns what ``metrics.json`` holds: the four metrics, ``rows``, ``generated_tokens``,
-    ``generation_seconds`` and ``tokens_per_second``.
+    A row the template cannot lay out raises GlmkitError, or with ``skip_bad_rows`` is counted in
+    ``skipped_rows``.  Returns what ``metrics.json`` holds: the four metrics, ``rows`` (scored),
+    ``skipped_rows``, ``generated_tokens``, ``generation_seconds`` and ``tokens_per_second``.
     """
     if batch_size < 1:
         raise GlmkitError("batch_size must be at least 1")
-    prompts = []
+    prompts, kept, skipped = [], [], 0
     for example in examples:
         try:
             prompts.append(encode_example(example, chat_model.tokenizer, chat_model.template, data_args).prompt_ids)
+            kept.append(example)
         except GlmkitError as exc:
-            raise GlmkitError(f"{example.source}: {exc}") from None
+            if not data_args.skip_bad_rows:
+                raise GlmkitError(f"{example.source}: {exc}") from None
+            skipped += 1
+    if not kept:
+        raise GlmkitError(f"no row can be laid out for the {chat_model.template.name} template")
+    examples = kept
     started = time.perf_counter()
-    try:
-        replies = generate_all(chat_model, prompts, generation_config, batch_size, progress)
-    except GlmkitError as exc:
-        raise GlmkitError(f"generation failed: {exc}") from None
+    sources = [example.source for example in examples]
+    replies = generate_all(chat_model, prompts, generation_config, batch_size, progress, sources)
     seconds = time.perf_counter() - started
     predictions = [
         _as_text(chat_model.template.postprocess(reply.text, example.prompt_messages)[0])
@@ -117,6 +130,7 @@ def evaluate(
     metrics = {
         **compute_metrics(predictions, labels),
         "rows": len(examples),
+        "skipped_rows": skipped,
         "generated_tokens": tokens,
         "generation_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else 0.0,

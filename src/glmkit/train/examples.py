@@ -131,9 +131,9 @@ def load_examples(path: str | Path, args: DataArgs) -> Examples:
         try:
             if record.problem:
                 raise GlmkitError(record.problem)
-            if fmt is None:
-                fmt = detect_format(record.value, args.prompt_column)
-                columns = known_columns(record.value, columns) if fmt == "columns" else columns
+            fmt = fmt or detect_format(record.value, args.prompt_column)
+            if fmt == "columns" and not (columns["prompt"] and columns["response"]):
+                columns = known_columns(record.value, columns)  # then fixed for the rest of the file
             messages, row_card = normalize(record.value, fmt, columns)
         except GlmkitError as exc:
             if not args.skip_bad_rows:
