@@ -51,8 +51,7 @@ def detect_format(row: Any, prompt_column: str | None = None) -> str:
         return "characterglm"
     turns = row.get("messages", row.get("conversations"))
     if isinstance(turns, list):
-        first = next((turn for turn in turns if isinstance(turn, dict)), {})
-        return "sharegpt" if "from" in first or "value" in first else "messages"
+        return "sharegpt" if _speaker_turns(turns) else "messages"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if any(prompt in row and response in row for prompt, response in KNOWN_COLUMNS):
@@ -190,7 +189,7 @@ def _tool_call(value: str) -> Message:
         name, arguments = call["name"], call.get("arguments", {})
         if isinstance(arguments, str):
             arguments = json.loads(arguments)
-        code = "tool_call(" + ", ".join(f"{key}={value!r}" for key, value in arguments.items()) + ")"
+        code = "tool_call(" + ", ".join(f"{key}={argument!r}" for key, argument in arguments.items()) + ")"
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return {"role": "assistant", "content": value}
     return {"role": "assistant", "metadata": str(name), "content": f"```python\n{code}\n```"}
@@ -212,10 +211,15 @@ def _sharegpt(row: dict[str, Any], columns: dict[str, str | None] | None = None)
     return _with_tools(messages, row.get("tools"))
 
 
+def _speaker_turns(turns: list[Any]) -> bool:
+    """Whether turns are ShareGPT's ``{"from", "value"}`` rather than ``{"role", "content"}``."""
+    first = next((turn for turn in turns if isinstance(turn, dict)), {})
+    return "from" in first or "value" in first
+
+
 def _turns(row: dict[str, Any]) -> list[Message]:
     turns = row.get("messages", row.get("conversations"))
-    first = next((turn for turn in turns if isinstance(turn, dict)), {}) if isinstance(turns, list) else {}
-    return (_sharegpt if "from" in first else _messages)(row)
+    return (_sharegpt if isinstance(turns, list) and _speaker_turns(turns) else _messages)(row)
 
 
 def _row_card(row: dict[str, Any]) -> dict[str, str]:
