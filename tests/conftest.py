@@ -60,11 +60,42 @@ def openai_error(response: httpx.Response, status: int) -> dict:
     assert body["error"]["message"]
     return body["error"]
 
+# real fine-tuning data (ADGEN rows), beside the checkout like the conformance data
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ADGEN = DATA / "adgen"
+needs_data = pytest.mark.skipif(
+    not ADGEN.is_dir(), reason=f"fine-tuning data not found at {ADGEN} (it sits beside the checkout)"
+)
+
 
 def load_expected(directory: Path) -> dict:
     """A folder's expected.json, or {} when the data is absent (its tests skip)."""
     path = directory / "expected.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@pytest.fixture(scope="session")
+def v1():
+    """The real ChatGLM-6B tokenizer (ice_text.model)."""
+    from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
+
+    return ChatGLMTokenizer.from_pretrained(V1_DIR / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def v3():
+    """The real ChatGLM2/3 tokenizer (tokenizer.model), as chatglm3-6b configures it."""
+    from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
+
+    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def v2():
+    """The same tokenizer.model, named as chatglm2-6b's tokenizer_config.json names it."""
+    from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
+
+    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer", name_or_path="THUDM/chatglm2-6b")
 
 
 @pytest.fixture(scope="session")
