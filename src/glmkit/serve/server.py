@@ -1,30 +1,37 @@
-"""The FastAPI app (both contracts, health, optional web page) and ``glmkit serve``'s uvicorn runner."""
+"""The FastAPI app (both contracts, health, optional web page) and the uvicorn runner of ``glmkit serve``
+and ``glmkit web`` (the same server, with the page alone at /)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection
 
 from glmkit.chat import ChatModel
 from glmkit.engine.scheduler import Scheduler
 from glmkit.serve import legacy, openai_api
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import install_error_handlers
-from glmkit.serve.middleware import AccessLog, BearerAuth, RequestBody
+from glmkit.serve.middleware import AccessLog, BearerAuth, BodyLimit, RequestBody, WebLogin
 
 log = logging.getLogger("glmkit.serve")
 WEB_PATH = "/web"
 SHUTDOWN_GRACE_SECONDS = 5  # on Ctrl-C/SIGTERM, replies still running get this long before they are cut
+# what the page's login form loads, under its path; every other route of the page needs the login
+WEB_LOGIN_FORM = ["/login", "/assets", "/static", "/theme.css"]
 
 
 @dataclass
@@ -34,6 +41,7 @@ class ServerOptions:
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     web: bool = False
+    api: bool = True  # the ChatGLM and OpenAI routes; without them (glmkit web) the page is at /
     log_prompts: bool = False
     max_active: int = 16
     max_queue: int = 64
@@ -44,7 +52,6 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
     """The whole HTTP server for one loaded model; every request is generated through one scheduler."""
     options = options or ServerOptions()
     scheduler = Scheduler(chat_model.engine, max_active=options.max_active, max_queue=options.max_queue)
-    backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -55,38 +62,51 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
 
     # no /docs: requests are parsed by hand (any Content-Type, OpenAI-style errors), so it would say little
     app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+    app.state.on_stop = []  # what ends streams that would hold a graceful shutdown open (see _Server)
     install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(legacy.router(backend))
-    app.include_router(openai_api.router(backend))
-
     # The last middleware added runs first: the log sees everything (401s, 413s), CORS answers
     # preflights (which carry no key) before the key is checked.
-    app.add_middleware(RequestBody, max_bytes=options.max_body_bytes, exempt=[WEB_PATH])
-    if options.api_key:
+    if options.api:
+        backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
+        app.include_router(legacy.router(backend))
+        app.include_router(openai_api.router(backend))
+        app.add_middleware(RequestBody, max_bytes=options.max_body_bytes, exempt=[WEB_PATH])
+    if options.web:
+        _mount_web(app, chat_model, scheduler, options, WEB_PATH if options.api else "/")
+    if options.api and options.api_key:
         # the web page has its own login (the key as password): a browser cannot send a Bearer header
         app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=["/health", WEB_PATH])
-    if options.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=options.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
+    # always there, with no origins when --cors is not given: Gradio then leaves CORS to it, instead of
+    # answering every http://localhost:* page with credentials allowed
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=options.cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
     app.add_middleware(AccessLog, log_prompts=options.log_prompts)
-    if options.web:
-        _mount_web(app, chat_model, scheduler, options)
     return app
 
 
-def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, options: ServerOptions) -> None:
+def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, options: ServerOptions, path: str) -> None:
+    """The chat page at ``path``, with the API's body limit and, under an API key, a login for all of it."""
     import gradio
+    from starlette.routing import Mount
 
     from glmkit.web.app import build_web
+
+    with contextlib.suppress(ImportError):
+        # Gradio switches matplotlib's backend around every event it runs; the first switch imports
+        # pyplot on the event loop, a second in which no request is answered: pay it at start-up
+        import matplotlib
+
+        matplotlib.get_backend()
 
     def login(_user: str, password: str) -> bool:  # any user name, the API key as password
         return hmac.compare_digest(password.encode(), (options.api_key or "").encode())
@@ -94,11 +114,26 @@ def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, option
     gradio.mount_gradio_app(
         app,
         build_web(chat_model, scheduler),
-        path=WEB_PATH,
+        path=path,
         auth=login if options.api_key else None,
         max_file_size=options.max_body_bytes,  # the page takes no files; uploads get the API's limit
         ssr_mode=False,
+        run_history=False,  # its routes would save runs to a Hugging Face bucket: calls to huggingface.co
+        app_kwargs={"openapi_url": None},  # Gradio's FastAPI schema: public, and no use to the page
     )
+    page = app.routes[-1]
+    assert isinstance(page, Mount)
+    # each open tab holds a heartbeat stream that only ends when this is set, as Blocks.close() does
+    app.state.on_stop.append(page.app.stop_event.set)
+    # Gradio streams request bodies and answers over open connections: RequestBody exempts the page
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes, paths=[path])
+    if options.api_key:
+        cookies = [f"access-token-{page.app.cookie_id}", f"access-token-unsecure-{page.app.cookie_id}"]
+
+        def logged_in(connection: HTTPConnection) -> bool:  # Gradio's own test: a token it handed out
+            return any(connection.cookies.get(name) in page.app.tokens for name in cookies)
+
+        app.add_middleware(WebLogin, prefix=path, open_paths=WEB_LOGIN_FORM, logged_in=logged_in)
 
 
 def _is_loopback(host: str) -> bool:
@@ -125,21 +160,53 @@ def _log_config() -> dict:
     return config
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, ending what would hold its graceful shutdown open: the page's heartbeats at once, and
+    after the grace the replies still running (the scheduler is closed, so each ends with a message on
+    the page or an error event instead of being cancelled mid-stream by uvicorn's timeout)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.glmkit_app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        on_stop: list[Callable[[], None]] = self.glmkit_app.state.on_stop
+        for stop in on_stop:
+            stop()
+        loop = asyncio.get_running_loop()
+        close = self.glmkit_app.state.scheduler.close  # joins the worker thread: not on the event loop
+        cut = loop.call_later(SHUTDOWN_GRACE_SECONDS, lambda: loop.run_in_executor(None, close))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
+
+
 def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
     """Serve until Ctrl-C or SIGTERM; then running replies get a short grace and the scheduler is closed."""
+    app = create_app(chat_model, options)
     config = uvicorn.Config(
-        create_app(chat_model, options),
+        app,
         host=options.host,
         port=options.port,
         access_log=False,  # glmkit's own access log has the token counts
         log_config=_log_config(),
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        # a backstop: the grace is _Server's, then a reply ends at the scheduler's next step (seconds, on a busy CPU)
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS + 5,
     )
     host = f"[{options.host}]" if ":" in options.host else options.host
     base = f"http://{host}:{options.port}"
-    log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
-    if options.web:
-        log.info("web page at %s%s/", base, WEB_PATH)
+    if options.api:
+        log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
+        if options.web:
+            log.info("web page at %s%s/", base, WEB_PATH)
+    elif options.web:
+        log.info("model %s: web page at %s/", chat_model.name, base)
     if not _is_loopback(options.host) and not options.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
-    uvicorn.Server(config).run()
+    # uvicorn raises SIGTERM again once it has shut down gracefully; a stop that went as asked exits 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        _Server(config, app).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
