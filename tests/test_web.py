@@ -641,6 +641,20 @@ def test_web_routes_need_the_login_under_api_key(served_keyed):
         assert list(events(user, page, "mine"))[-1]["success"]
 
 
+@needs_chromium
+def test_the_page_works_behind_its_login(served_keyed, page):
+    page.goto(f"{served_keyed}/web/")
+    page.locator("input[type=password]").wait_for()
+    page.locator("input").first.fill("anyone")
+    page.locator("input[type=password]").fill(KEY)
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#message textarea")
+    set_number(page, "temperature", "0")
+    send(page, QUESTION)
+    assert "Paris" in messages(page, "bot")[-1]
+    assert page.outside == []
+
+
 def test_glmkit_web_stops_gracefully_on_sigterm(demo_chat, tmp_path):
     from glmkit.serve.server import SHUTDOWN_GRACE_SECONDS
 
