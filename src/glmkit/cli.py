@@ -32,6 +32,9 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
 MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
+CorsOption = Annotated[
+    list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); none by default.")
+]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
@@ -183,7 +186,7 @@ def serve(
         str | None,
         typer.Option(envvar="GLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health."),
     ] = None,
-    cors: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable).")] = None,
+    cors: CorsOption = None,
     web: Annotated[bool, typer.Option("--web", help="Also serve the browser chat at /web.")] = False,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Write prompt text to the access log.")] = False,
     max_active: MaxActiveOption = 16,
@@ -227,6 +230,7 @@ def web(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 7860,
+    cors: CorsOption = None,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
@@ -237,10 +241,20 @@ def web(
     source: SourceOption = "huggingface",
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
-    from glmkit.web.app import run_web
+    from glmkit.serve.server import ServerOptions, run_server
 
     chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
-    run_web(chat_model, host=host, port=port, max_active=max_active, max_queue=max_queue)
+    # glmkit serve's server with the page alone: the same limits, CORS policy and shutdown
+    options = ServerOptions(
+        host=host,
+        port=port,
+        cors_origins=list(cors or []),
+        web=True,
+        api=False,
+        max_active=max_active,
+        max_queue=max_queue,
+    )
+    run_server(chat_model, options)
 
 
 data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True)
