@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,79 @@ def test_repl_ctrl_d_quits():
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# -- broken model directories and bad input: one 'error:' line, exit 2 -------------------------------
+def _broken_copy(tmp_path, name: str, replace: str, content: str):
+    """The demo model's files, linked, with ``replace`` written anew (weights are never copied)."""
+    from glmkit.demo_model import demo_model_dir
+
+    folder = tmp_path / name
+    folder.mkdir()
+    for item in demo_model_dir().iterdir():
+        if item.name != replace:
+            (folder / item.name).symlink_to(item)
+    (folder / replace).write_text(content, encoding="utf-8")
+    return folder
+
+
+def _config_with(**changes) -> str:
+    from glmkit.demo_model import demo_model_dir
+
+    config = json.loads((demo_model_dir() / "config.json").read_text())
+    return json.dumps({**config, **changes})
+
+
+BROKEN_MODELS = [
+    ("config_list", "config.json", lambda: "[1, 2, 3]", "must hold a JSON object"),
+    ("config_empty", "config.json", lambda: "{}", "has no model_type"),
+    ("model_type_number", "config.json", lambda: _config_with(model_type=5), "model_type must be a string"),
+    ("layers_text", "config.json", lambda: _config_with(num_hidden_layers="thirty"), "num_hidden_layers"),
+    ("hidden_negative", "config.json", lambda: _config_with(hidden_size=-1), "hidden_size"),
+    ("vocab_null", "config.json", lambda: _config_with(vocab_size=None), "vocab_size"),
+    ("tokenizer_class_number", "tokenizer_config.json", lambda: '{"tokenizer_class": 5}', "tokenizer_class"),
+    ("generation_hot", "generation_config.json", lambda: '{"temperature": "hot"}', "temperature"),
+    (
+        "remote_code",
+        "config.json",
+        lambda: '{"model_type": "mystery", "auto_map": {"AutoConfig": "m.C"}}',
+        "never runs",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "replace", "content", "message"), BROKEN_MODELS, ids=[b[0] for b in BROKEN_MODELS])
+@pytest.mark.parametrize("verb", ["chat", "serve"])
+def test_broken_model_directories_are_one_error_line(tmp_path, verb, name, replace, content, message):
+    folder = _broken_copy(tmp_path, name, replace, content())
+    args = ["-q", "hi"] if verb == "chat" else ["--port", "0"]
+    result = run(verb, "-m", str(folder), *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "trust_remote_code" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["--seed", str(2**64), "--temperature", "1", "-q", "hi"], None, "seed must be"),
+        (["--temperature", "inf", "-q", "hi"], None, "temperature must be a finite number"),
+        (["--stop", "x" * 300, "-q", "hi"], None, "stop string"),
+        ([b"-q", b"\xff\xfe"], None, "not UTF-8"),
+        ([], b"\x00\xff\xfe binary \x80", "standard input is not UTF-8"),
+    ],
+)
+def test_bad_cli_input_is_one_error_line(args, stdin, message):
+    result = subprocess.run([*GLMKIT, "chat", *args], input=stdin, capture_output=True, timeout=180)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
+
+
+def test_a_tiny_temperature_answers_greedily():
+    tiny = run("chat", "-q", "What is the capital of France?", "--temperature", "1e-300", "--max-new-tokens", "8")
+    greedy = run("chat", "-q", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "8")
+    assert tiny.returncode == 0, tiny.stderr
+    assert tiny.stdout == greedy.stdout

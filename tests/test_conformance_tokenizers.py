@@ -25,22 +25,6 @@ V2_CASES = V3.get("chatglm2_6b", {}).get("tokenizer_vs_v3", [])
 DECODE_KEYS = ("decode_input_ids", "decode_input_ids_skip_special_tokens", "decode_no_special")
 
 
-@pytest.fixture(scope="module")
-def v1():
-    return ChatGLMTokenizer.from_pretrained(V1_DIR / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def v3():
-    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def v2():
-    # the same tokenizer.model, named as chatglm2-6b's tokenizer_config.json names it
-    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer", name_or_path="THUDM/chatglm2-6b")
-
-
 def _decodes(tok, case: dict) -> dict[str, str]:
     return {
         "decode_input_ids": tok.decode(case["input_ids"]),

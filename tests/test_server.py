@@ -10,52 +10,22 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from conftest import listening_socket, live_server, openai_error
 
 from glmkit.serve import ServerOptions, create_app
 
 FRANCE = "What is the capital of France?"
 LONG_STORY = "Tell me a long story about a dragon."
 KEY = "test-key-0123456789"
-ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-def _listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextmanager
-def live_server(app) -> Iterator[str]:
-    """uvicorn in a thread on a socket bound beforehand (no port race); yields the base URL."""
-    sock = _listening_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not shut down"
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +55,6 @@ def _stream(client: openai.OpenAI, messages: list, **options) -> tuple[str, str 
             pieces.append(choice.delta.content or "")
             finish = choice.finish_reason or finish
     return "".join(pieces), finish
-
-
-def _error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_FIELDS, body
-    assert body["error"]["message"]
-    return body["error"]
 
 
 # -- the ChatGLM contract ---------------------------------------------------------------------------
@@ -273,21 +235,21 @@ BAD_REQUESTS = [
 def test_bad_input_gets_a_4xx_naming_the_problem(server, path, body, status, param, code):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}{path}", content=content, headers={"Content-Type": "application/json"})
-    error = _error(response, status)
+    error = openai_error(response, status)
     assert error["type"] == "invalid_request_error"
     assert (error["param"], error["code"]) == (param, code), error
 
 
 def test_body_size_limit(server):
     big = b'{"prompt": "' + b"a" * (1 << 20) + b'"}'
-    assert _error(httpx.post(f"{server}/", content=big), 413)["code"] == "request_too_large"
+    assert openai_error(httpx.post(f"{server}/", content=big), 413)["code"] == "request_too_large"
     chunked = httpx.post(f"{server}/", content=iter([big[: 1 << 19], big[1 << 19 :]]))  # no Content-Length
-    assert _error(chunked, 413)["code"] == "request_too_large"
+    assert openai_error(chunked, 413)["code"] == "request_too_large"
 
 
 def test_unknown_routes_and_methods(server):
-    assert _error(httpx.get(f"{server}/nowhere"), 404)
-    assert _error(httpx.get(f"{server}{CHAT}"), 405)
+    assert openai_error(httpx.get(f"{server}/nowhere"), 404)
+    assert openai_error(httpx.get(f"{server}{CHAT}"), 405)
 
 
 # -- busy server and clients that go away -----------------------------------------------------------
@@ -321,7 +283,7 @@ def test_full_queue_429_and_clients_that_leave_free_their_slots(demo_chat, caplo
         queued = _open_stream(url, **long, stream=False)  # waits in the queue: no response yet
         time.sleep(1.0)
         busy = httpx.post(f"{url}{CHAT}", json=short, timeout=60)
-        assert _error(busy, 429)["code"] == "queue_full"
+        assert openai_error(busy, 429)["code"] == "queue_full"
         assert busy.json()["error"]["type"] == "rate_limit_error"
         assert int(busy.headers["Retry-After"]) >= 1
 
@@ -344,7 +306,7 @@ def test_full_queue_429_and_clients_that_leave_free_their_slots(demo_chat, caplo
 # -- API key, CORS, access log, shutdown: `glmkit serve` in a subprocess ---------------------------
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    sock = _listening_socket()
+    sock = listening_socket()
     port = sock.getsockname()[1]
     sock.close()  # glmkit serve binds it again (SO_REUSEADDR): the gap is tiny
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -373,10 +335,10 @@ def test_api_key_is_enforced_except_on_health(keyed_server):
     url, _, _ = keyed_server
     assert httpx.get(f"{url}/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
-        error = _error(httpx.get(f"{url}/v1/models", headers=headers), 401)
+        error = openai_error(httpx.get(f"{url}/v1/models", headers=headers), 401)
         assert error["code"] == "invalid_api_key"
     response = httpx.post(f"{url}/", json={"prompt": "hi"})
-    assert _error(response, 401) and response.headers["WWW-Authenticate"] == "Bearer"
+    assert openai_error(response, 401) and response.headers["WWW-Authenticate"] == "Bearer"
     assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
     with pytest.raises(openai.AuthenticationError):
@@ -418,7 +380,7 @@ def test_web_page_mounted_beside_the_api_behind_its_own_login(demo_chat):
         assert httpx.get(f"{url}/web/config").status_code == 401  # Gradio's login, not the Bearer header
         assert httpx.post(f"{url}/web/login", data={"username": "u", "password": "wrong"}).status_code == 400
         assert httpx.post(f"{url}/web/login", data={"username": "u", "password": KEY}).json() == {"success": True}
-        assert _error(httpx.get(f"{url}/v1/models"), 401)
+        assert openai_error(httpx.get(f"{url}/v1/models"), 401)
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 

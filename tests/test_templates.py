@@ -14,8 +14,6 @@ import pytest
 from conftest import V1_DIR, V3_DIR, load_expected, needs_conformance
 
 from glmkit.errors import GlmkitError
-from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
-from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 from glmkit.templates.characterglm import TEMPLATE as CHARACTERGLM
 from glmkit.templates.chatglm import TEMPLATE as CHATGLM
 from glmkit.templates.chatglm2 import TEMPLATE as CHATGLM2
@@ -54,21 +52,6 @@ def _with_generation(expected: dict) -> list[dict]:
         for chat in expected.get("chat", [])
         if _generated(expected, chat.get("prompt_input_ids") or chat.get("build_chat_input_ids")) is not None
     ]
-
-
-@pytest.fixture(scope="module")
-def v1():
-    return ChatGLMTokenizer.from_pretrained(V1_DIR / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def v3():
-    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def v2():
-    return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer", name_or_path="THUDM/chatglm2-6b")
 
 
 # -- ChatGLM-6B ----------------------------------------------------------------------------------

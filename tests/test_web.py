@@ -9,6 +9,8 @@ whose scheduler is scripted (exact replies with HTML in them, a full queue, a Ch
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import socket
 import subprocess
 import sys
@@ -16,15 +18,18 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 
 from glmkit.engine import Chunk, GenerationConfig
 from glmkit.engine.scheduler import QueueFull
 from glmkit.errors import GlmkitError
-from glmkit.templates.characterglm import read_card
+from glmkit.serve import ServerOptions, create_app
+from glmkit.templates.characterglm import CARD_FIELDS, read_card
 from glmkit.web.app import render, safe_markdown
 from glmkit.web.character_cards import EXAMPLE_CARDS
 
@@ -41,6 +46,11 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 QUESTION = "What is the capital of France?"
+KEY = "web-test-key-0123"
+ALLOWED = "http://allowed.example"  # the origin given to --cors
+LOCAL_APP = "http://localhost:1234"  # another web app on this machine: Gradio itself would let it in
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+LIMIT = ServerOptions().max_body_bytes
 # the Chatbot's status tracker loses "hide" while an answer is pending or streaming
 CHAT_IDLE = "#chat [data-testid=status-tracker].hide"
 
@@ -110,6 +120,23 @@ def wait_until_up(url: str, alive, timeout: float = 180) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
+@contextmanager
+def running(app, ready_path: str = "/health") -> Iterator[str]:
+    """uvicorn in a thread on a free loopback port; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}{ready_path}", thread.is_alive)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory) -> Iterator[str]:
     """``glmkit web`` as a user starts it, on a free port."""
@@ -117,7 +144,9 @@ def web_server(tmp_path_factory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("web") / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "glmkit", "web", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "glmkit", "web", "--port", str(port), "--cors", ALLOWED],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/", lambda: proc.poll() is None)
@@ -160,7 +189,6 @@ class ScriptedScheduler:
 def mounted(demo_chat) -> Iterator[tuple[str, ScriptedScheduler, ScriptedScheduler]]:
     """A FastAPI app, as ``glmkit serve --web`` builds it: the real page at /web, scripted ones beside it."""
     import gradio as gr
-    import uvicorn
     from fastapi import FastAPI
 
     from glmkit.chat import ChatModel
@@ -175,16 +203,10 @@ def mounted(demo_chat) -> Iterator[tuple[str, ScriptedScheduler, ScriptedSchedul
     app = gr.mount_gradio_app(app, build_web(demo_chat, scheduler), path="/web")
     app = gr.mount_gradio_app(app, build_web(demo_chat, scripted), path="/scripted")
     app = gr.mount_gradio_app(app, build_web(role_play, character), path="/character")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/web/", thread.is_alive)
-        yield f"http://127.0.0.1:{port}", scripted, character
+        with running(app, "/web/") as base:
+            yield base, scripted, character
     finally:
-        server.should_exit = True
-        thread.join(timeout=20)
         scheduler.close()
 
 
@@ -421,3 +443,261 @@ def test_character_card_greets_and_shapes_the_prompt(mounted, demo_chat, page, t
     assert messages(page, "bot") == ["Hello, Bob."]
     assert page.get_by_label("bot_info").input_value() == ""  # fields the file leaves out are emptied
     assert page.outside == []
+
+
+# -- the page's HTTP surface: body limit, event loop, CORS, login, shutdown ------------------------
+def join(client: httpx.Client, page: str, message: str, session: str, **settings) -> httpx.Response:
+    """What the page posts when a message is sent: its 'respond' event, with the sliders' values."""
+    config = client.get(f"{page}/config").json()
+    respond = next(d for d in config["dependencies"] if d["api_name"] == "respond")
+    sliders = [settings.get("max_length", 2048), 0.7, settings.get("temperature", 0)]
+    body = {
+        "data": [message, [], "", *sliders, *[""] * len(CARD_FIELDS)],
+        "fn_index": respond["id"],
+        "trigger_id": respond["targets"][0][0],
+        "session_hash": session,
+        "event_data": None,
+    }
+    return client.post(f"{page}/gradio_api/queue/join", json=body)
+
+
+def events(client: httpx.Client, page: str, session: str) -> Iterator[dict]:
+    """The session's queue messages, as the page reads them, up to the end of its event."""
+    with client.stream("GET", f"{page}/gradio_api/queue/data", params={"session_hash": session}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line.removeprefix("data: "))
+                yield event
+                if event["msg"] == "process_completed":
+                    return
+
+
+def drain(stream: Iterator[dict]) -> list[dict | Exception]:
+    """The rest of a stream's messages, and how its connection broke if it did."""
+    seen: list[dict | Exception] = []
+    try:
+        seen.extend(stream)
+    except httpx.HTTPError as exc:
+        seen.append(exc)
+    return seen
+
+
+def assert_too_large(response: httpx.Response) -> None:
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and str(LIMIT) in error["message"]
+
+
+def cors_headers(response: httpx.Response) -> dict[str, str]:
+    """What would let a page on another origin read the response, or send the login cookie along."""
+    allowing = ("access-control-allow-origin", "access-control-allow-credentials")
+    return {k: v for k, v in response.headers.items() if k in allowing}
+
+
+@pytest.fixture(scope="module")
+def served(demo_chat) -> Iterator[str]:
+    """``glmkit serve --web``: no key, no --cors."""
+    with running(create_app(demo_chat, ServerOptions(web=True))) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def served_keyed(demo_chat) -> Iterator[str]:
+    """``glmkit serve --web --api-key KEY --cors ALLOWED``."""
+    with running(create_app(demo_chat, ServerOptions(web=True, api_key=KEY, cors_origins=[ALLOWED]))) as base:
+        yield base
+
+
+def test_web_body_over_the_limit_is_refused(served, web_server):
+    over = b'{"data": ["' + b"a" * LIMIT + b'"]}'
+    json_type = {"Content-Type": "application/json"}
+    for page in (f"{served}/web", web_server.rstrip("/")):  # serve --web, and glmkit web
+        assert_too_large(httpx.post(f"{page}/gradio_api/queue/join", content=over, headers=json_type))
+        chunked = iter([over[: LIMIT // 2], over[LIMIT // 2 :]])  # no Content-Length: counted as it arrives
+        assert_too_large(httpx.post(f"{page}/gradio_api/queue/join", content=chunked, headers=json_type))
+        assert_too_large(httpx.post(f"{page}/gradio_api/upload", files={"files": ("card.json", over)}))
+
+
+def test_a_long_message_is_tokenized_off_the_event_loop(served, demo_chat):
+    message = "hello world " * ((LIMIT - 4096) // 12)  # as long as the body limit allows
+    started = time.perf_counter()
+    demo_chat.encode(demo_chat.build_messages(message))
+    tokenizing = time.perf_counter() - started
+    waits: list[float] = []
+    done = threading.Event()
+
+    def watch_health() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                asked = time.perf_counter()
+                assert client.get(f"{served}/health").status_code == 200
+                waits.append(time.perf_counter() - asked)
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    try:
+        with httpx.Client(timeout=60) as client:
+            assert join(client, f"{served}/web", message, "long-message").status_code == 200
+            seen = list(events(client, f"{served}/web", "long-message"))
+    finally:
+        done.set()
+        watcher.join()
+    # (the first event of this server too: Gradio's own first-event work must not stall it either)
+    assert max(waits) < max(0.15, tokenizing / 3), f"/health waited {max(waits):.3f} s ({tokenizing=:.3f} s)"
+    # the user is told, and the message is never shown as a turn of the conversation
+    warnings = [e["log"] for e in seen if e["msg"] == "log" and e["level"] == "warning"]
+    assert any("context window" in w for w in warnings), seen
+    assert not [e for e in seen if message[:1000] in json.dumps(e)]
+
+
+def test_web_sends_no_cors_headers_without_cors_option(served):
+    page = f"{served}/web"
+    origin = {"Origin": LOCAL_APP}
+    assert cors_headers(httpx.options(f"{page}/gradio_api/queue/join", headers={**origin, **PREFLIGHT})) == {}
+    assert cors_headers(httpx.get(f"{page}/config", headers=origin)) == {}
+    assert cors_headers(httpx.post(f"{page}/gradio_api/queue/join", json={}, headers=origin)) == {}
+
+
+def test_web_follows_the_cors_option(served_keyed, web_server):
+    for page in (f"{served_keyed}/web", web_server.rstrip("/")):
+        preflight = httpx.options(f"{page}/gradio_api/queue/join", headers={"Origin": ALLOWED, **PREFLIGHT})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == ALLOWED
+        assert "access-control-allow-credentials" not in preflight.headers  # the login cookie stays home
+        assert httpx.get(f"{page}/", headers={"Origin": ALLOWED}).headers["access-control-allow-origin"] == ALLOWED
+        other = {"Origin": LOCAL_APP}
+        assert cors_headers(httpx.options(f"{page}/gradio_api/queue/join", headers={**other, **PREFLIGHT})) == {}
+        assert cors_headers(httpx.get(f"{page}/", headers=other)) == {}
+        assert cors_headers(httpx.post(f"{page}/gradio_api/queue/join", json={}, headers=other)) == {}
+
+
+# Gradio's routes that answer without its login (gradio/routes.py), path parameters filled in
+OPEN_IN_GRADIO = [
+    ("GET", "/openapi.json"),
+    ("GET", "/gradio_api/user"),
+    ("GET", "/gradio_api/token"),
+    ("GET", "/gradio_api/app_id"),
+    ("GET", "/gradio_api/runs"),
+    ("POST", "/gradio_api/run-history/connect"),
+    ("GET", "/gradio_api/run-history/buckets"),
+    ("GET", "/gradio_api/run-history/records"),
+    ("GET", "/gradio_api/run-history/records/e/r/assets/a"),
+    ("GET", "/gradio_api/custom_component/c/client/t/f.js"),
+    ("POST", "/gradio_api/stream/e"),
+    ("POST", "/gradio_api/stream/e/close"),
+    ("GET", "/gradio_api/stream/s/r/1/playlist.m3u8"),
+    ("GET", "/gradio_api/stream/s/r/1/x.aac"),
+    ("GET", "/gradio_api/stream/s/r/1/playlist-file"),
+    ("POST", "/gradio_api/reset"),
+    ("GET", "/gradio_api/heartbeat/s"),
+    ("POST", "/gradio_api/cancel"),
+    ("GET", "/gradio_api/startup-events"),
+    ("GET", "/gradio_api/theme.css"),
+    ("POST", "/gradio_api/vibe-edit"),
+    ("POST", "/gradio_api/undo-vibe-edit"),
+    ("GET", "/gradio_api/vibe-code"),
+    ("POST", "/gradio_api/vibe-code"),
+    ("POST", "/gradio_api/vibe-starter-queries"),
+    ("GET", "/monitoring/k"),
+    ("GET", "/svelte/x.js"),
+    ("GET", "/favicon.ico"),
+    ("GET", "/robots.txt"),
+    ("GET", "/pwa_icon"),
+    ("GET", "/manifest.json"),
+    ("GET", "/logout"),
+]
+
+
+def status_of(client: httpx.Client, method: str, url: str) -> int:
+    with client.stream(method, url, json={}) as response:  # the heartbeat streams for as long as it is open
+        return response.status_code
+
+
+def test_web_routes_need_the_login_under_api_key(served_keyed):
+    page = f"{served_keyed}/web"
+    with httpx.Client(timeout=30) as stranger:
+        for method, path in OPEN_IN_GRADIO:
+            response = stranger.request(method, f"{page}{path}", json={}) if "heartbeat" not in path else None
+            status = response.status_code if response else status_of(stranger, method, f"{page}{path}")
+            assert status == 401, f"{method} {path}: {status}"
+            if response:
+                assert response.json()["error"]["code"] == "login_required", response.text
+        # what the login form itself needs stays open
+        shell = stranger.get(f"{page}/")
+        assert shell.status_code == 200 and "auth_required" in shell.text
+        assets = {src for src in shell.text.split('"') if "/assets/" in src and src.endswith(".js")}
+        assert assets and all(stranger.get(f"{page}/{src.lstrip('./')}").status_code == 200 for src in assets)
+        assert stranger.get(f"{page}/theme.css").status_code == 200
+        assert stranger.post(f"{page}/login", data={"username": "u", "password": "wrong"}).status_code == 400
+
+    with httpx.Client(timeout=60) as user:
+        assert user.post(f"{page}/login", data={"username": "u", "password": KEY}).json() == {"success": True}
+        assert status_of(user, "GET", f"{page}/gradio_api/heartbeat/mine") == 200
+        assert user.post(f"{page}/gradio_api/reset", json={"event_id": "e"}).status_code == 200
+        for gone in ("/openapi.json", "/gradio_api/run-history/buckets"):  # switched off, not only closed
+            assert user.get(f"{page}{gone}").status_code == 404
+        assert join(user, page, QUESTION, "mine", max_length=64).status_code == 200
+        assert list(events(user, page, "mine"))[-1]["success"]
+
+
+@needs_chromium
+def test_the_page_works_behind_its_login(served_keyed, page):
+    page.goto(f"{served_keyed}/web/")
+    page.locator("input[type=password]").wait_for()
+    page.locator("input").first.fill("anyone")
+    page.locator("input[type=password]").fill(KEY)
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#message textarea")
+    set_number(page, "temperature", "0")
+    send(page, QUESTION)
+    assert "Paris" in messages(page, "bot")[-1]
+    assert page.outside == []
+
+
+def test_glmkit_web_stops_gracefully_on_sigterm(demo_chat, tmp_path):
+    from glmkit.serve.server import SHUTDOWN_GRACE_SECONDS
+
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "glmkit", "web", "--port", str(port), "--max-active", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    page = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{page}/", lambda: proc.poll() is None)
+        story = "Tell me a long story about a dragon."
+        prompt = len(demo_chat.encode(demo_chat.build_messages(story)))
+        with httpx.Client(timeout=120) as client:
+            # a reply one token from its end, and one that would run for minutes
+            assert join(client, page, story, "short", max_length=prompt + 2, temperature=1).status_code == 200
+            assert join(client, page, story, "long", max_length=prompt + 1000, temperature=1).status_code == 200
+            short, long = events(client, page, "short"), events(client, page, "long")
+            for stream in (short, long):  # the turn is shown, then the first token
+                for _ in range(2):
+                    while next(stream)["msg"] != "process_generating":
+                        pass
+            cut: list[dict | Exception] = []
+            reader = threading.Thread(target=lambda: cut.extend(drain(long)))
+            reader.start()
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            finished = drain(short)[-1]
+            assert proc.wait(timeout=SHUTDOWN_GRACE_SECONDS + 30) == 0  # SIGTERM is how a service is stopped
+            stopped = time.monotonic() - signalled
+            reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(encoding="utf-8")
+    assert finished == {**finished, "msg": "process_completed", "success": True}, text  # finished in its grace
+    # the long one had the grace too, then was ended with a word to the user rather than cut off
+    assert SHUTDOWN_GRACE_SECONDS <= stopped < SHUTDOWN_GRACE_SECONDS + 15, text
+    assert isinstance(cut[-1], dict) and cut[-1]["msg"] == "process_completed", (cut[-3:], text)
+    assert any(isinstance(e, dict) and "shutting down" in e.get("log", "") for e in cut), (cut[-3:], text)
+    assert "Traceback" not in text and "ERROR" not in text, text
+    assert "Application shutdown complete" in text

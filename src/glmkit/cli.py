@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import platform
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from glmkit.errors import GlmkitError
+from glmkit.train.examples import DataArgs
 
 app = typer.Typer(
     help="Run, serve and fine-tune ChatGLM-family and Hugging Face chat models.",
@@ -26,10 +32,46 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
 MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
+CorsOption = Annotated[
+    list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); none by default.")
+]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
+
+
+def with_options(group: type, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add every field of the dataclass ``group`` to a command as ``--field-name`` (the field's type,
+    default and ``metadata["help"]``), and hand the command one ``group`` instance as its ``name``
+    parameter: a settings group is declared once, in its dataclass, for the CLI and for Python."""
+    hints = typing.get_type_hints(group)
+    fields = dataclasses.fields(group)
+    options = [
+        inspect.Parameter(
+            field.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=field.default,
+            annotation=Annotated[
+                hints[field.name], typer.Option("--" + field.name.replace("_", "-"), help=field.metadata.get("help"))
+            ],
+        )
+        for field in fields
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != name]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            settings = group(**{field.name: values.pop(field.name) for field in fields})
+            return command(**values, **{name: settings})
+
+        run.__signature__ = inspect.Signature([*own, *options])  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in [*own, *options]}
+        return run
+
+    return decorate
 
 
 def _version(value: bool) -> None:
@@ -144,7 +186,7 @@ def serve(
         str | None,
         typer.Option(envvar="GLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health."),
     ] = None,
-    cors: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable).")] = None,
+    cors: CorsOption = None,
     web: Annotated[bool, typer.Option("--web", help="Also serve the browser chat at /web.")] = False,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Write prompt text to the access log.")] = False,
     max_active: MaxActiveOption = 16,
@@ -188,6 +230,7 @@ def web(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 7860,
+    cors: CorsOption = None,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
@@ -198,10 +241,155 @@ def web(
     source: SourceOption = "huggingface",
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
-    from glmkit.web.app import run_web
+    from glmkit.serve.server import ServerOptions, run_server
 
     chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
-    run_web(chat_model, host=host, port=port, max_active=max_active, max_queue=max_queue)
+    # glmkit serve's server with the page alone: the same limits, CORS policy and shutdown
+    options = ServerOptions(
+        host=host,
+        port=port,
+        cors_origins=list(cors or []),
+        web=True,
+        api=False,
+        max_active=max_active,
+        max_queue=max_queue,
+    )
+    run_server(chat_model, options)
+
+
+data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+DataFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON, JSON lines or CSV data file.")]
+
+
+def _tokenize_file(file: Path, model: str | None, source: str, data_args: DataArgs) -> tuple[Any, Any, Any, Any]:
+    """A data file's examples, the model's tokenizer and template (no weights loaded), the tokenized rows."""
+    from glmkit.train.data import load_examples, load_tokenizer_and_template, tokenize_examples
+
+    examples = load_examples(file, data_args)
+    tokenizer, template = load_tokenizer_and_template(model, data_args, source=source)
+    return examples, tokenizer, template, tokenize_examples(examples, tokenizer, template, data_args)
+
+
+@data_app.command("inspect")
+@with_options(DataArgs, "data_args")
+def data_inspect(
+    file: DataFile,
+    model: ModelOption = None,
+    rows: Annotated[int, typer.Option(min=0, help="Rows to show with their loss tokens marked.")] = 2,
+    source: SourceOption = "huggingface",
+    *,
+    data_args: DataArgs,
+) -> None:
+    """Format, row count, token lengths, what the limits cut, and rows with their loss tokens marked."""
+    from rich.console import Console
+
+    from glmkit.train.report import print_inspection
+
+    examples, tokenizer, template, tokenized = _tokenize_file(file, model, source, data_args)
+    print_inspection(Console(), str(file), examples, tokenized, tokenizer, template.name, data_args, shown=rows)
+
+
+@data_app.command("tokenize")
+@with_options(DataArgs, "data_args")
+def data_tokenize(
+    file: DataFile,
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON lines file to write.")],
+    model: ModelOption = None,
+    source: SourceOption = "huggingface",
+    *,
+    data_args: DataArgs,
+) -> None:
+    """Write one JSON line per row with input_ids and labels (-100: no loss), exactly what training feeds."""
+    from glmkit.train.reading import write_jsonl
+
+    examples, _, template, tokenized = _tokenize_file(file, model, source, data_args)
+    write_jsonl(output, tokenized)
+    stats = tokenized.stats
+    typer.echo(
+        f"{output}: {stats.rows} rows ({template.name} layout); {len(examples.skipped) + len(stats.skipped)} bad rows "
+        f"skipped, {stats.truncated} truncated, {len(stats.dropped)} dropped by the limits"
+    )
+
+
+@data_app.command("convert")
+@with_options(DataArgs, "data_args")
+def data_convert(
+    file: DataFile,
+    output: Annotated[Path, typer.Argument(help="JSON lines file to write.")],
+    to_messages: Annotated[
+        bool, typer.Option("--to-messages", help="Write every format as {'messages': [...]} rows.")
+    ] = False,
+    *,
+    data_args: DataArgs,
+) -> None:
+    """Any data file to JSON lines: alpaca JSON and CSV row by row, ShareGPT to the messages format."""
+    from glmkit.train.convert import convert_file
+
+    fmt, count = convert_file(file, output, data_args, to_messages=to_messages)
+    typer.echo(f"{output}: {count} rows ({fmt})")
+
+
+def _adapter_loader() -> Callable[[Any, Path], None]:
+    """``glmkit.train.adapters.apply_adapter``; LoRA adapters come with the trainer, and until that module
+    is there --adapter says so plainly (before any model is loaded)."""
+    try:
+        from glmkit.train.adapters import apply_adapter
+    except ModuleNotFoundError as exc:
+        if exc.name != "glmkit.train.adapters":
+            raise
+        raise GlmkitError("LoRA adapters are not supported yet (--adapter); use --ptuning-checkpoint") from None
+    return apply_adapter
+
+
+@app.command("eval")
+@with_options(DataArgs, "data_args")
+def eval_command(
+    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Data file with the reference replies.")],
+    output: Annotated[Path, typer.Option(help="Directory for metrics.json and generated_predictions.jsonl.")],
+    model: ModelOption = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most tokens in one reply; default: --max-target-length.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(min=0, help="Above 0 samples; default 0 (greedy).")] = None,
+    top_p: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    top_k: Annotated[int | None, typer.Option(min=0)] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows generated together.")] = 8,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter directory.")] = None,
+    ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    source: SourceOption = "huggingface",
+    *,
+    data_args: DataArgs,
+) -> None:
+    """Generate a reply for every row (batched), score ROUGE-1/2/L and BLEU-4, write the predictions."""
+    from glmkit.train.data import load_examples
+    from glmkit.train.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate
+
+    apply_adapter = _adapter_loader() if adapter is not None else None
+    examples = load_examples(data, data_args)
+    template = data_args.template or ("characterglm" if data_args.character else None)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, 1, source)
+    if apply_adapter is not None:
+        apply_adapter(chat_model, adapter)
+    sampling = temperature is not None and temperature > 0
+    config = chat_model.generation(
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        max_new_tokens=max_new_tokens or data_args.max_target_length,
+    )
+    if examples.skipped:
+        typer.echo(f"{len(examples.skipped)} bad rows skipped; the first: {examples.skipped[0]}", err=True)
+    metrics = evaluate(chat_model, examples, data_args, config, output, batch_size=batch_size)
+    typer.echo(", ".join(f"{key} {round(value, 4)}" for key, value in metrics.items()))
+    typer.echo(f"wrote {output / METRICS_FILE} and {output / PREDICTIONS_FILE}")
 
 
 @app.command()

@@ -114,6 +114,11 @@ class Scheduler:
         return self.failure is None and self._thread.is_alive()
 
     @property
+    def cache_bytes(self) -> int:
+        """Memory held by the batch KV cache now (0 once an idle scheduler has given it back)."""
+        return getattr(self._cache, "nbytes", 0)
+
+    @property
     def load(self) -> tuple[int, int]:
         """(requests decoding now, requests waiting)."""
         with self._wakeup:

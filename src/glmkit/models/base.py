@@ -94,6 +94,11 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = value
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the keys and values."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
     def advance(self, n: int) -> None:
         """Called by the model once every layer has stored its ``n`` new positions."""
         self.length += n

@@ -126,7 +126,8 @@ class ChatGLMTokenizerBase:
         """Ids that ``skip_special_tokens=True`` removes when decoding."""
         raise NotImplementedError
 
-    def tokenize(self, text: str) -> list[str]:
+    def tokenize(self, text: str, split_special_tokens: bool = False) -> list[str]:
+        """Pieces of ``text``; ``split_special_tokens`` keeps special-token names typed in it as text."""
         raise NotImplementedError
 
     def _token_to_id(self, token: str) -> int:
@@ -154,8 +155,8 @@ class ChatGLMTokenizerBase:
     def build_inputs_with_special_tokens(self, ids: list[int]) -> list[int]:
         raise NotImplementedError
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [self._token_to_id(token) for token in self.tokenize(text)]
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        ids = [self._token_to_id(token) for token in self.tokenize(text, split_special_tokens)]
         return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
 
     def __call__(
@@ -318,7 +319,9 @@ class ChatGLMTokenizer(ChatGLMTokenizerBase):
     def all_special_ids(self) -> list[int]:
         return [self._token_to_id(token) for token in self._no_split]
 
-    def tokenize(self, text: str) -> list[str]:
+    def tokenize(self, text: str, split_special_tokens: bool = False) -> list[str]:
+        if split_special_tokens:
+            return self._tokenize_text(text)
         parts = self._no_split_re.split(text)
         # Odd parts are special tokens; the text on either side of one loses its adjacent whitespace.
         for i in range(1, len(parts), 2):

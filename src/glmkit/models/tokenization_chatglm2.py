@@ -87,7 +87,8 @@ class ChatGLM2Tokenizer(ChatGLMTokenizerBase):
         # role tokens were not, so skip_special_tokens keeps them, as it did there.
         return [self.eos_token_id, self.pad_token_id]
 
-    def tokenize(self, text: str) -> list[str]:
+    def tokenize(self, text: str, split_special_tokens: bool = False) -> list[str]:
+        # special tokens never come out of text here: sentencepiece has no pieces for them
         return self.sp.encode(text, out_type=str)
 
     def _token_to_id(self, token: str) -> int:

@@ -1,6 +1,7 @@
 """Plain ASGI middleware (no ``BaseHTTPMiddleware``, which gets in the way of streaming and cancellation):
-the access log, the API key, the body size limit, stopping work for clients that went away, and one
-OpenAI-style 500 (logged once) for anything unexpected."""
+the access log, the API key, the body size limit, stopping work for clients that went away, one
+OpenAI-style 500 (logged once) for anything unexpected, and for the web page a body limit that streams
+and its login in front of every route."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmkit.serve.errors import APIError
@@ -210,3 +212,77 @@ class RequestBody:
         finally:
             watcher.cancel()
             app.cancel()
+
+
+class BodyLimit:
+    """413 past ``max_bytes`` under ``paths``, without holding the body back: a declared Content-Length
+    is refused at once, a streamed body as soon as it passes the limit (the app then sees the client
+    leave, and what it answers is dropped).  For routes that must read as the body arrives and answer
+    while the connection stays open, such as Gradio's, which ``RequestBody`` would get in the way of."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: Sequence[str]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.paths = tuple(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _under(scope["path"], self.paths):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _reject(scope, receive, send, too_large)
+            return
+        received = 0
+        started = refused = answered = False
+
+        async def receiving() -> Message:
+            nonlocal received, refused, answered
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received <= self.max_bytes:
+                return message
+            refused = True
+            if not started:
+                await _reject(scope, receive, send, too_large)
+                answered = True
+            return {"type": "http.disconnect"}
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if not answered:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        await self.app(scope, receiving, sending)
+
+
+class WebLogin:
+    """Under ``prefix``, only the login form (the page's shell, its assets, ``open_paths``) answers a
+    browser that has not logged in: Gradio leaves several of its routes open even with a login."""
+
+    def __init__(
+        self, app: ASGIApp, prefix: str, open_paths: Sequence[str], logged_in: Callable[[HTTPConnection], bool]
+    ) -> None:
+        self.app = app
+        self.prefix = prefix.rstrip("/")
+        self.open_paths = tuple(self.prefix + path for path in open_paths)
+        self.logged_in = logged_in
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] not in ("http", "websocket")
+            or not _under(path, [self.prefix or "/"])
+            or path in (self.prefix, self.prefix + "/")  # the page itself: the login form until logged in
+            or _under(path, self.open_paths)
+            or self.logged_in(HTTPConnection(scope))
+        ):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await _reject(scope, receive, send, APIError(401, "log in to the web page first", code="login_required"))

@@ -1,13 +1,18 @@
-"""The FastAPI app (both contracts, health, optional web page) and ``glmkit serve``'s uvicorn runner."""
+"""The FastAPI app (both contracts, health, optional web page) and the uvicorn runner of ``glmkit serve``
+and ``glmkit web`` (the same server, with the page alone at /)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -15,13 +20,14 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection
 
 from glmkit.chat import ChatModel
 from glmkit.engine.scheduler import Scheduler
 from glmkit.serve import legacy, openai_api
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import install_error_handlers
-from glmkit.serve.middleware import AccessLog, BearerAuth, InternalErrors, RequestBody
+from glmkit.serve.middleware import AccessLog, BearerAuth, BodyLimit, InternalErrors, RequestBody, WebLogin
 from glmkit.serve.openapi import describe_request_bodies
 
 log = logging.getLogger("glmkit.serve")
@@ -29,6 +35,8 @@ WEB_PATH = "/web"
 SHUTDOWN_GRACE_SECONDS = 5  # on Ctrl-C/SIGTERM, replies still running get this long before they are cut
 # paths any client may read without the API key: liveness, and the description of the (public) contract
 OPEN_PATHS = ["/health", "/openapi.json", "/docs", WEB_PATH]
+# what the page's login form loads, under its path; every other route of the page needs the login
+WEB_LOGIN_FORM = ["/login", "/assets", "/static", "/theme.css"]
 
 
 @dataclass
@@ -38,6 +46,7 @@ class ServerOptions:
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     web: bool = False
+    api: bool = True  # the ChatGLM and OpenAI routes; without them (glmkit web) the page is at /
     log_prompts: bool = False
     max_active: int = 16
     max_queue: int = 64
@@ -66,7 +75,6 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         max_sequence_length=options.max_model_len,
         on_failure=worker_failed,
     )
-    backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -75,9 +83,12 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         finally:
             await asyncio.to_thread(scheduler.close)  # joins the worker thread: not on the event loop
 
-    app = FastAPI(title="glmkit", lifespan=lifespan, redoc_url=None)
+    # the OpenAPI description and its page belong to the API; glmkit web (the page alone) has neither
+    docs = {} if options.api else {"docs_url": None, "openapi_url": None}
+    app = FastAPI(title="glmkit", lifespan=lifespan, redoc_url=None, **docs)
     app_state["app"] = app
     app.state.scheduler = scheduler
+    app.state.on_stop = []  # what ends streams that would hold a graceful shutdown open (see _Server)
     install_error_handlers(app)
 
     @app.get("/health", responses={503: {"description": "the generation worker has stopped"}})
@@ -89,34 +100,45 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         active, waiting = scheduler.load
         return JSONResponse({"status": "ok", "active": active, "waiting": waiting})
 
-    app.include_router(legacy.router(backend))
-    app.include_router(openai_api.router(backend))
-    describe_request_bodies(app)
-
     # The last middleware added runs first: the log sees everything (401s, 413s), CORS answers
     # preflights (which carry no key) before the key is checked.
     app.add_middleware(InternalErrors)
-    app.add_middleware(RequestBody, max_bytes=options.max_body_bytes, exempt=[WEB_PATH])
-    if options.api_key:
+    if options.api:
+        backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
+        app.include_router(legacy.router(backend))
+        app.include_router(openai_api.router(backend))
+        describe_request_bodies(app)
+        app.add_middleware(RequestBody, max_bytes=options.max_body_bytes, exempt=[WEB_PATH])
+    if options.web:
+        _mount_web(app, chat_model, scheduler, options, WEB_PATH if options.api else "/")
+    if options.api and options.api_key:
         # the web page has its own login (the key as password): a browser cannot send a Bearer header
         app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=OPEN_PATHS)
-    if options.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=options.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
+    # always there, with no origins when --cors is not given: Gradio then leaves CORS to it, instead of
+    # answering every http://localhost:* page with credentials allowed
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=options.cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
     app.add_middleware(AccessLog, log_prompts=options.log_prompts)
-    if options.web:
-        _mount_web(app, chat_model, scheduler, options)
     return app
 
 
-def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, options: ServerOptions) -> None:
+def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, options: ServerOptions, path: str) -> None:
+    """The chat page at ``path``, with the API's body limit and, under an API key, a login for all of it."""
     import gradio
+    from starlette.routing import Mount
 
     from glmkit.web.app import build_web
+
+    with contextlib.suppress(ImportError):
+        # Gradio switches matplotlib's backend around every event it runs; the first switch imports
+        # pyplot on the event loop, a second in which no request is answered: pay it at start-up
+        import matplotlib
+
+        matplotlib.get_backend()
 
     def login(_user: str, password: str) -> bool:  # any user name, the API key as password
         return hmac.compare_digest(password.encode(), (options.api_key or "").encode())
@@ -124,11 +146,26 @@ def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, option
     gradio.mount_gradio_app(
         app,
         build_web(chat_model, scheduler),
-        path=WEB_PATH,
+        path=path,
         auth=login if options.api_key else None,
         max_file_size=options.max_body_bytes,  # the page takes no files; uploads get the API's limit
         ssr_mode=False,
+        run_history=False,  # its routes would save runs to a Hugging Face bucket: calls to huggingface.co
+        app_kwargs={"openapi_url": None},  # Gradio's FastAPI schema: public, and no use to the page
     )
+    page = app.routes[-1]
+    assert isinstance(page, Mount)
+    # each open tab holds a heartbeat stream that only ends when this is set, as Blocks.close() does
+    app.state.on_stop.append(page.app.stop_event.set)
+    # Gradio streams request bodies and answers over open connections: RequestBody exempts the page
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes, paths=[path])
+    if options.api_key:
+        cookies = [f"access-token-{page.app.cookie_id}", f"access-token-unsecure-{page.app.cookie_id}"]
+
+        def logged_in(connection: HTTPConnection) -> bool:  # Gradio's own test: a token it handed out
+            return any(connection.cookies.get(name) in page.app.tokens for name in cookies)
+
+        app.add_middleware(WebLogin, prefix=path, open_paths=WEB_LOGIN_FORM, logged_in=logged_in)
 
 
 def _is_loopback(host: str) -> bool:
@@ -156,18 +193,22 @@ def _log_config() -> dict:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, with glmkit's own end to running replies: after the grace period the scheduler is
-    closed, so each stream still open gets an error event and a clean end instead of being cut off
-    when uvicorn's (slightly longer) graceful timeout cancels it."""
+    """uvicorn, ending what would hold its graceful shutdown open: the page's heartbeats at once, and
+    after the grace the replies still running (the scheduler is closed, so each ends with a message on
+    the page or an error event instead of being cancelled mid-stream by uvicorn's timeout)."""
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float) -> None:
         super().__init__(config)
-        self.scheduler = scheduler
+        self.glmkit_app = app
         self.grace_seconds = grace_seconds
 
-    async def shutdown(self, sockets=None) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        on_stop: list[Callable[[], None]] = self.glmkit_app.state.on_stop
+        for stop in on_stop:
+            stop()
         loop = asyncio.get_running_loop()
-        cut = loop.call_later(self.grace_seconds, lambda: loop.run_in_executor(None, self.scheduler.close))
+        close = self.glmkit_app.state.scheduler.close  # joins the worker thread: not on the event loop
+        cut = loop.call_later(self.grace_seconds, lambda: loop.run_in_executor(None, close))
         try:
             await super().shutdown(sockets)
         finally:
@@ -187,9 +228,10 @@ def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
         port=options.port,
         access_log=False,  # glmkit's own access log has the token counts
         log_config=_log_config(),
-        timeout_graceful_shutdown=int(options.shutdown_grace_seconds) + 2,
+        # a backstop: the grace is _Server's, then a reply ends at the scheduler's next step (seconds, on a busy CPU)
+        timeout_graceful_shutdown=int(options.shutdown_grace_seconds) + 5,
     )
-    server = _Server(config, scheduler, options.shutdown_grace_seconds)
+    server = _Server(config, app, options.shutdown_grace_seconds)
 
     def stop_server() -> None:
         server.should_exit = True
@@ -197,11 +239,22 @@ def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
     app.state.stop_server = stop_server
     host = f"[{options.host}]" if ":" in options.host else options.host
     base = f"http://{host}:{options.port}"
-    log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
-    if options.web:
-        log.info("web page at %s%s/", base, WEB_PATH)
+    if options.api:
+        log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
+        if options.web:
+            log.info("web page at %s%s/", base, WEB_PATH)
+    elif options.web:
+        log.info("model %s: web page at %s/", chat_model.name, base)
     if not _is_loopback(options.host) and not options.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
-    server.run()
+    # uvicorn raises SIGTERM again once it has shut down gracefully; a stop that went as asked exits 0
+    # (signal handlers belong to the main thread: elsewhere, as in tests, uvicorn installs none either)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
+    try:
+        server.run()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if scheduler.failure is not None:
         raise SystemExit(f"error: the generation worker stopped ({scheduler.failure!r}); restart the server")

@@ -32,8 +32,13 @@ def read_card(path: str | Path) -> dict[str, str]:
         card = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GlmkitError(f"cannot read the character card {path}: {exc}") from exc
+    return check_card(card, str(path))
+
+
+def check_card(card: Any, where: str) -> dict[str, str]:
+    """The card's fields (missing ones empty); GlmkitError naming ``where`` when it is no card."""
     if not isinstance(card, dict) or any(not isinstance(card.get(k), str) or not card[k] for k in REQUIRED_FIELDS):
-        raise GlmkitError(f"{path}: a character card is a JSON object with at least {' and '.join(REQUIRED_FIELDS)}")
+        raise GlmkitError(f"{where}: a character card is a JSON object with at least {' and '.join(REQUIRED_FIELDS)}")
     return {field: str(card.get(field) or "") for field in CARD_FIELDS}
 
 

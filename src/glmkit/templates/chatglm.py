@@ -54,7 +54,9 @@ class ChatGLMTemplate:
         self, tokenizer: Any, messages: list[Message], character: dict[str, str] | None = None
     ) -> list[int]:
         no_character(character)
-        return tokenizer.encode(self.build_prompt(messages))
+        # the prompt is all user and model text ([gMASK] <sop> are appended after it): none of it may
+        # become a control token, though the reference tokenizer turns a typed "<sop>" into one
+        return tokenizer.encode(self.build_prompt(messages), split_special_tokens=True)
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         return [tokenizer.eos_token_id]

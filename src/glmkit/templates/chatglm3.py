@@ -44,6 +44,14 @@ def build_single_message(tokenizer: Any, role: str, metadata: str, content: str 
     ]
 
 
+def _message_ids(tokenizer: Any, message: Message) -> list[int]:
+    """One history message as the prompt holds it; a system message's tools follow its text as JSON."""
+    content = message["content"]
+    if message["role"] == "system" and "tools" in message:
+        content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+    return build_single_message(tokenizer, message["role"], message.get("metadata", ""), content)
+
+
 def parse_tool_call(code: str) -> dict[str, Any] | None:
     """Keyword arguments of ``tool_call(a=1, b="x")`` when every value is a Python literal, else None."""
     try:
@@ -76,12 +84,29 @@ class ChatGLM3Template:
             raise GlmkitError("the chatglm3 template needs messages that end with a user or observation message")
         ids = [_command(tokenizer, "[gMASK]"), _command(tokenizer, "sop")]
         for message in messages:
-            content = message["content"]
-            if message["role"] == "system" and "tools" in message:
-                content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
-            ids += build_single_message(tokenizer, message["role"], message.get("metadata", ""), content)
+            ids += _message_ids(tokenizer, message)
         ids.append(_command(tokenizer, "<|assistant|>"))
         return ids
+
+    def render_conversation(
+        self, tokenizer: Any, messages: list[Message], character: dict[str, str] | None = None
+    ) -> list[tuple[list[int], bool]]:
+        """A whole conversation as ``(ids, trained)`` segments, laid out as ChatGLM3's finetune_demo does.
+
+        An assistant message is trained after its role token (its metadata line and content) and so is
+        the token that ends it: the next message's role token or the final eos, the ids chat stops at.
+        System, user and observation messages are not trained.  The ids up to an assistant role token
+        are ``build_input_ids`` of the messages before it.
+        """
+        no_character(character)
+        segments = [([_command(tokenizer, "[gMASK]"), _command(tokenizer, "sop")], False)]
+        after_reply = False
+        for message in messages:
+            ids = _message_ids(tokenizer, message)
+            segments += [(ids[:1], after_reply), (ids[1:], message["role"] == "assistant")]
+            after_reply = message["role"] == "assistant"
+        segments.append(([tokenizer.eos_token_id], after_reply))
+        return segments
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         return [tokenizer.eos_token_id, _command(tokenizer, "<|user|>"), _command(tokenizer, "<|observation|>")]

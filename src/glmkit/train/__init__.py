@@ -1,0 +1,1 @@
+"""Fine-tuning: data formats and tokenization with label masks, evaluation, metrics."""
