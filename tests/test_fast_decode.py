@@ -93,8 +93,8 @@ def test_compiled_step_on_cpu_gives_the_eager_tokens(monkeypatch):
 
 
 def test_buckets():
-    assert [bucket(n, 64) for n in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
-    assert bucket(5, 6) == 6 and bucket(70, 80) == 80
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 9, 33, 64)] == [2, 2, 4, 8, 16, 64, 64]
+    assert bucket(1, 1) == 1 and bucket(5, 6) == 6 and bucket(70, 80) == 80
 
 
 SETTINGS = [

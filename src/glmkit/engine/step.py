@@ -45,8 +45,11 @@ def decode_mode(device: torch.device) -> str:
 
 
 def bucket(n: int, rows: int) -> int:
-    """The batch size whose graph runs ``n`` rows of a cache that has ``rows``."""
-    return next((b for b in BUCKETS if n <= b <= rows), rows)
+    """The batch size whose graph runs ``n`` rows of a cache that has ``rows``.  A cache of several rows
+    (the scheduler's) never steps one row alone: a size-1 batch would be compiled on its own, and two
+    rows cost a memory-bound step about what one does."""
+    smallest = min(2, rows)
+    return next((b for b in BUCKETS if max(n, smallest) <= b <= rows), rows)
 
 
 def _decode(model: Any, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
@@ -79,7 +82,9 @@ class DecodeStep:
         self.rows = cache.keys[0].shape[0]
         self.tokens = torch.zeros(self.rows, 1, dtype=torch.int64, device=device)
         self.positions = torch.zeros(self.rows, dtype=torch.int64, device=device)
-        self._graphed = self.mode != "eager" and device.type == "cuda"
+        # one graph captures one device's work: layers spread over GPUs decode without graphs
+        one_device = len({t.device for t in cache.keys}) == 1
+        self._graphed = self.mode != "eager" and device.type == "cuda" and one_device
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._graphed else None  # one pool for all buckets
         self._host = torch.empty(self.rows, dtype=torch.int64, pin_memory=self._graphed)
