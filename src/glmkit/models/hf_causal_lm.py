@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from glmkit.errors import GlmkitError
 from glmkit.models.base import CausalLMOutput
+from glmkit.models.quantize import QuantizationSpec, quantize_model
 
 
 @dataclass
@@ -46,13 +47,33 @@ class HFCausalLM(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, path: Path, dtype: torch.dtype, device: torch.device) -> HFCausalLM:
+    def from_pretrained(
+        cls, path: Path, dtype: torch.dtype, device: torch.device, quantize: QuantizationSpec | None = None
+    ) -> HFCausalLM:
+        """``quantize``: quantize the decoder linears on the CPU (models with ``model.layers``), then move."""
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        if QuantizationSpec.from_config(config.to_dict()) is not None:
+            raise GlmkitError(
+                f"{path} is a quantized checkpoint of a model glmkit runs through transformers: glmkit loads "
+                "quantized checkpoints of its native families only; quantize the float checkpoint at load instead"
+            )
         try:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
         except ValueError as exc:
             raise GlmkitError(f"transformers cannot build a causal LM from {path}: {exc}") from exc
+        if quantize is not None:
+            return quantize_model(cls(model.eval()), quantize.bits, quantize.group_size, [device])
         return cls(model.to(device).eval())
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise GlmkitError(
+                f"{type(self.model).__name__} keeps its decoder layers elsewhere than model.layers: "
+                "glmkit cannot quantize it; load it without --quantize"
+            )
+        return layers
 
     @property
     def device(self) -> torch.device:
