@@ -27,6 +27,9 @@ DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
 MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
+QuantizeOption = Annotated[
+    int | None, typer.Option(help="Quantize the decoder linears while loading: 8 (INT8) or 4 (INT4, groups of 32).")
+]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
@@ -49,7 +52,7 @@ def main_options(
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
 
 
-def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source):
+def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize):
     from glmkit.chat import load
 
     return load(
@@ -60,6 +63,7 @@ def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpu
         source=source,
         ptuning_checkpoint=ptuning_checkpoint,
         num_gpus=num_gpus,
+        quantize=quantize,
     )
 
 
@@ -84,6 +88,7 @@ def chat(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
@@ -97,7 +102,7 @@ def chat(
         if not query:
             raise GlmkitError("no question on standard input")
     template = template or ("characterglm" if card else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
     options: dict[str, Any] = {
         "system": system,
         "character": card,
@@ -145,12 +150,13 @@ def serve(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
 ) -> None:
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
     run_server(
         chat_model,
         ServerOptions(
@@ -178,13 +184,32 @@ def web(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
     from glmkit.web.app import run_web
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
     run_web(chat_model, host=host, port=port, max_active=max_active, max_queue=max_queue)
+
+
+@app.command("quantize")
+def quantize_checkpoint(
+    bits: Annotated[int, typer.Option(help="8 (INT8 per output channel) or 4 (INT4 in groups).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New directory for the quantized checkpoint.")],
+    model: ModelOption = None,
+    group_size: Annotated[int | None, typer.Option(help="INT4 group size: 32, 64 or 128 (default 32).")] = None,
+    source: SourceOption = "huggingface",
+) -> None:
+    """Write a quantized checkpoint (safetensors + config + tokenizer) that loads without the float weights."""
+    from glmkit.hub import resolve_model
+    from glmkit.models.quantized_checkpoint import write_quantized_checkpoint
+
+    if group_size is not None and bits != 4:
+        raise GlmkitError("--group-size applies to --bits 4 only")
+    written = write_quantized_checkpoint(resolve_model(model, source=source), output, bits, group_size)
+    typer.echo(f"wrote {written} (INT{bits}); load it with: glmkit chat --model {written}")
 
 
 @app.command()
