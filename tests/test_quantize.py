@@ -160,8 +160,9 @@ def test_cuda_kernel_and_layout():
 # Relative logit error vs float32 on the tiny random conformance models (measured, then a margin). Their
 # random 2-layer nets amplify weight errors (~6x here; rounding v1's weights to bf16 alone moves its
 # logits by 7.6e-2, see test_conformance_models), so these are far above what real checkpoints show.
-LOGIT_BOUND = {("v1", 8, 32): 0.1, ("v3", 8, 32): 0.06, ("v1", 4, 32): 0.7, ("v3", 4, 32): 0.55,
-               ("v1", 4, 128): 0.7, ("v3", 4, 128): 0.6}  # fmt: skip
+# Measured: INT8 v1 0.073, v3 0.039; INT4 g32 0.607 / 0.466, g64 0.613 / 0.516, g128 0.626 / 0.519.
+LOGIT_BOUND = {("v1", 8, None): 0.1, ("v3", 8, None): 0.06, ("v1", 4, 32): 0.7, ("v3", 4, 32): 0.55,
+               ("v1", 4, 64): 0.7, ("v3", 4, 64): 0.6, ("v1", 4, 128): 0.7, ("v3", 4, 128): 0.6}  # fmt: skip
 
 
 def prompt(family: str) -> torch.Tensor:
@@ -176,7 +177,7 @@ def prompt(family: str) -> torch.Tensor:
 def test_quantized_conformance_models(family, bits, group_size):
     ids = prompt(family)
     ref = load_model(CHECKPOINT[family])(ids).logits
-    quantized = load_model(CHECKPOINT[family], quantize=bits, group_size=group_size if bits == 4 else None)
+    quantized = load_model(CHECKPOINT[family], quantize=bits, group_size=group_size)
     kinds = {type(m) for m in quantized.modules() if isinstance(m, QuantizedLinear)}
     assert kinds == {Int8Linear if bits == 8 else Int4Linear}
     assert sum(isinstance(m, QuantizedLinear) for m in quantized.modules()) == 4 * 2  # 4 linears, 2 layers
@@ -291,18 +292,28 @@ def demo_int4():
     return glmkit.load(device="cpu", quantize=4)
 
 
-def test_demo_model_perplexity(demo_chat, demo_int8, demo_int4):
-    """The demo model's weights come from a Q4_1 GGUF (4-bit, asymmetric, blocks of 32): INT4 in groups of 32
-    reproduces them, so its perplexity equals float32's; coarser groups and INT8 do not."""
-    base, int8, int4 = perplexity(demo_chat), perplexity(demo_int8), perplexity(demo_int4)
-    print(f"\ndemo perplexity: fp32 {base:.3f}, INT8 {int8:.3f}, INT4 g32 {int4:.3f}")
-    assert 15 < base < 30  # measured 22.39
-    assert abs(int8 / base - 1) < 0.03  # measured 22.17
-    assert abs(int4 / base - 1) < 0.01  # measured 22.39
+# perplexity of the demo model on TEXT relative to float32 (22.39): measured INT8 22.17, INT4 g32 22.39,
+# g64 28.54, g128 33.53.  Its weights come from a Q4_1 GGUF (4-bit, asymmetric, blocks of 32), so INT4 in
+# groups of 32 reproduces them exactly while coarser groups re-quantize an already 4-bit model.
+PPL_RATIO_BOUND = {(8, None): 0.03, (4, 32): 0.01, (4, 64): 0.35, (4, 128): 0.6}
+
+
+@pytest.mark.parametrize(("bits", "group_size"), list(PPL_RATIO_BOUND), ids=str)
+def test_demo_model_perplexity(demo_chat, bits, group_size):
+    base = perplexity(demo_chat)
+    quantized = glmkit.load(device="cpu", quantize=bits, group_size=group_size)
+    ppl = perplexity(quantized)
+    print(f"\ndemo perplexity: fp32 {base:.3f}, INT{bits} g{group_size}: {ppl:.3f}")
+    assert 15 < base < 30
+    assert abs(ppl / base - 1) < PPL_RATIO_BOUND[(bits, group_size)]
+
+
+def test_quantized_demo_model_chats(demo_int4, demo_int8):
     assert isinstance(demo_int4.model.model.layers[0].mlp.down_proj, Int4Linear)
     assert demo_int4.model.lm_head.weight is demo_int4.model.model.embed_tokens.weight  # head stays tied, float
-    reply, _ = demo_int8.chat("What is the capital of France?", temperature=0, max_new_tokens=20)
-    assert "Paris" in reply
+    for chat in (demo_int8, demo_int4):
+        reply, _ = chat.chat("What is the capital of France?", temperature=0, max_new_tokens=20)
+        assert "Paris" in reply
 
 
 def test_quantize_verb_writes_a_checkpoint_glmkit_loads(demo_int4, tmp_path):

@@ -215,7 +215,6 @@ class LlamaForCausalLM(nn.Module):
         model.to(device)
         if saved is not None:
             pack_model(model)
-            model.quantization = saved
         return model.eval()
 
     @property

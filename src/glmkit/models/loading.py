@@ -153,7 +153,6 @@ def load_pretrained(
         quantize_model(model, quantize.bits, quantize.group_size, devices)
     elif saved is not None:
         pack_model(model)
-        model.quantization = saved
     return model.eval()
 
 

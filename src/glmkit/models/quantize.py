@@ -315,8 +315,10 @@ def _unpack_through_kernel(packed: torch.Tensor, padded_in: int, group_size: int
     unit[..., 0] = 1
     q = torch.empty(rows, padded_in, dtype=torch.uint8)
     for start in range(0, padded_in, 1024):
-        eye = torch.eye(padded_in)[start : start + 1024]
-        q[:, start : start + eye.shape[0]] = (torch._weight_int4pack_mm_for_cpu(eye, packed, group_size, unit) + 8).t()
+        count = min(1024, padded_in - start)
+        eye = torch.zeros(count, padded_in)
+        eye[torch.arange(count), torch.arange(start, start + count)] = 1
+        q[:, start : start + count] = (torch._weight_int4pack_mm_for_cpu(eye, packed, group_size, unit) + 8).t()
     return (q[:, 0::2] << 4) | q[:, 1::2]
 
 
@@ -446,5 +448,4 @@ def quantize_model(
         for module in model.modules():
             if id(module) not in in_blocks:
                 module._apply(lambda t: t.to(devices[0]), recurse=False)
-    model.quantization = spec
     return model
