@@ -141,8 +141,7 @@ class Int4Linear(nn.Module):
             "scales_and_zeros", torch.empty(self.padded_in // group_size, out_features, 2, dtype=dtype, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
-        self.layout = "plain"  # or "cpu" / "cuda": ``weight`` holds that kernel's layout, rows padded to packed_out
-        self.packed_out = out_features
+        self.layout = "plain"  # or "cpu" / "cuda": ``weight`` holds that kernel's layout (rows padded)
         self.inner_k_tiles = 8
 
     @classmethod
@@ -179,7 +178,7 @@ class Int4Linear(nn.Module):
             # inner k-tiles of 16: the largest of 8/4/2 that divides the (group-padded) input
             self.inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
             packed = torch._convert_weight_to_int4pack(plain.contiguous(), self.inner_k_tiles)
-        self.weight, self.layout, self.packed_out = packed, layout, rows
+        self.weight, self.layout = packed, layout
         if rows != self.out_features:
             self.scales_and_zeros = F.pad(self.scales_and_zeros, (0, 0, 0, rows - self.out_features))
 
@@ -197,7 +196,7 @@ class Int4Linear(nn.Module):
         if self.layout != "plain":
             self.weight = self.plain_weight().contiguous()
             self.scales_and_zeros = self.scales_and_zeros[:, : self.out_features].contiguous()
-            self.layout, self.packed_out = "plain", self.out_features
+            self.layout = "plain"
 
     def _apply(self, fn, recurse=True):
         # moving between devices changes the kernel: go through the plain layout and pack again
