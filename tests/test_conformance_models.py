@@ -588,13 +588,14 @@ def test_missing_unexpected_and_misshaped_tensors_are_glmkit_errors(tmp_path):
         ChatGLM2ForConditionalGeneration.from_pretrained(copy_checkpoint("v3", tmp_path / "c", ffn_hidden_size=64))
 
 
-def test_quantized_checkpoint_is_refused(tmp_path):
+def test_integer_tensors_without_declared_quantization_are_refused(tmp_path):
+    """Quantized checkpoints load (tests/test_quantize.py) when config.json says so; otherwise it is a mix-up."""
     tensors = checkpoint_tensors("v1")
     tensors["transformer.layers.0.attention.query_key_value.weight"] = torch.zeros(96, 16, dtype=torch.int8)
     tensors["transformer.layers.0.attention.query_key_value.weight_scale"] = torch.ones(96, dtype=torch.float16)
-    quantized = copy_checkpoint("v1", tmp_path, tensors, quantization_bit=4)
-    with pytest.raises(GlmkitError, match="quantized checkpoints are not supported yet; use the fp16 checkpoint"):
-        ChatGLMForConditionalGeneration.from_pretrained(quantized)
+    mixed = copy_checkpoint("v1", tmp_path, tensors)
+    with pytest.raises(GlmkitError, match="declares no quantization"):
+        ChatGLMForConditionalGeneration.from_pretrained(mixed)
 
 
 # ---- layers spread over devices -------------------------------------------------------------------------

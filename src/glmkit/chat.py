@@ -192,18 +192,28 @@ def load(
     revision: str | None = None,
     ptuning_checkpoint: str | Path | None = None,
     num_gpus: int = 1,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ) -> ChatModel:
     """Load a chat model: a local directory, a hub id, or (no argument) the bundled demo model.
 
     ``ptuning_checkpoint`` puts a P-Tuning v2 prefix encoder over a ChatGLM model; ``num_gpus`` splits a
-    ChatGLM model's layers over that many CUDA GPUs.
+    ChatGLM model's layers over that many CUDA GPUs; ``quantize`` (4 or 8) quantizes the decoder linears
+    while loading (INT4 in groups of ``group_size``, default 32).  Quantized checkpoints (``glmkit
+    quantize``, the official ChatGLM INT4/INT8 ones) load quantized as they are.
     """
     model_dir = resolve_model(model, source=source, revision=revision)
     config = read_config(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     network = load_model(
-        model_dir, dtype=torch_dtype, device=torch_device, ptuning_checkpoint=ptuning_checkpoint, num_gpus=num_gpus
+        model_dir,
+        dtype=torch_dtype,
+        device=torch_device,
+        ptuning_checkpoint=ptuning_checkpoint,
+        num_gpus=num_gpus,
+        quantize=quantize,
+        group_size=group_size,
     )
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))

@@ -36,6 +36,9 @@ CorsOption = Annotated[
     list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); none by default.")
 ]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
+QuantizeOption = Annotated[
+    int | None, typer.Option(help="Quantize the decoder linears while loading: 8 (INT8) or 4 (INT4, groups of 32).")
+]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
@@ -91,7 +94,7 @@ def main_options(
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
 
 
-def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source):
+def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize):
     from glmkit.chat import load
 
     return load(
@@ -102,6 +105,7 @@ def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpu
         source=source,
         ptuning_checkpoint=ptuning_checkpoint,
         num_gpus=num_gpus,
+        quantize=quantize,
     )
 
 
@@ -126,6 +130,7 @@ def chat(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
@@ -159,7 +164,7 @@ def chat(
     if system is not None:
         check_text(system, "the system prompt")
     template = template or ("characterglm" if card else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
     options: dict[str, Any] = {"system": system, "character": card, **generation}
     if query is not None:
         try:
@@ -202,12 +207,13 @@ def serve(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
 ) -> None:
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
     run_server(
         chat_model,
         ServerOptions(
@@ -238,12 +244,13 @@ def web(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
     # glmkit serve's server with the page alone: the same limits, CORS policy and shutdown
     options = ServerOptions(
         host=host,
@@ -361,6 +368,7 @@ def eval_command(
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
     *,
     data_args: DataArgs,
@@ -372,7 +380,7 @@ def eval_command(
     apply_adapter = _adapter_loader() if adapter is not None else None
     examples = load_examples(data, data_args)
     template = data_args.template or ("characterglm" if data_args.character else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, 1, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, 1, source, quantize)
     if apply_adapter is not None:
         apply_adapter(chat_model, adapter)
     sampling = temperature is not None and temperature > 0
@@ -390,6 +398,24 @@ def eval_command(
     metrics = evaluate(chat_model, examples, data_args, config, output, batch_size=batch_size)
     typer.echo(", ".join(f"{key} {round(value, 4)}" for key, value in metrics.items()))
     typer.echo(f"wrote {output / METRICS_FILE} and {output / PREDICTIONS_FILE}")
+
+
+@app.command("quantize")
+def quantize_checkpoint(
+    bits: Annotated[int, typer.Option(help="8 (INT8 per output channel) or 4 (INT4 in groups).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New directory for the quantized checkpoint.")],
+    model: ModelOption = None,
+    group_size: Annotated[int | None, typer.Option(help="INT4 group size: 32, 64 or 128 (default 32).")] = None,
+    source: SourceOption = "huggingface",
+) -> None:
+    """Write a quantized checkpoint (safetensors + config + tokenizer) that loads without the float weights."""
+    from glmkit.hub import resolve_model
+    from glmkit.models.quantized_checkpoint import write_quantized_checkpoint
+
+    if group_size is not None and bits != 4:
+        raise GlmkitError("--group-size applies to --bits 4 only")
+    written = write_quantized_checkpoint(resolve_model(model, source=source), output, bits, group_size)
+    typer.echo(f"wrote {written} (INT{bits}); load it with: glmkit chat --model {written}")
 
 
 @app.command()

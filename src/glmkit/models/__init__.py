@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from glmkit.errors import GlmkitError, first_line
+from glmkit.models.quantize import DEFAULT_GROUP_SIZE, QuantizationSpec
 
 # sizes that every family reads from config.json; each, where present, must be a positive whole number
 # (null is left to the family for the optional ones, and refused for the sizes every network needs)
@@ -84,15 +85,23 @@ def load_model(
     device: str | torch.device = "cpu",
     ptuning_checkpoint: str | Path | None = None,
     num_gpus: int = 1,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ):
     """A model module following ``glmkit.models.base.CausalLM``, in eval mode on ``device``.
 
     ``num_gpus > 1`` spreads a ChatGLM model's layers over GPUs 0..N-1 (embeddings and head on the first).
+    ``quantize`` (4 or 8) quantizes the decoder linears of a float checkpoint while loading (INT4 in groups
+    of ``group_size`` inputs); quantized checkpoints (``glmkit quantize``, official ChatGLM INT4/INT8) load
+    quantized without it.
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     family = model_family(config)
     device = torch.device(device)
+    spec = QuantizationSpec(quantize, group_size or DEFAULT_GROUP_SIZE) if quantize else None
+    if group_size and not quantize:
+        raise GlmkitError("a group size applies to --quantize 4 only")
     if family in ("hf", "llama") and ptuning_checkpoint is not None:
         raise GlmkitError("P-Tuning checkpoints apply to ChatGLM-family models only")
     if family in ("hf", "llama") and num_gpus > 1:
@@ -100,17 +109,17 @@ def load_model(
     if family == "llama":
         from glmkit.models.llama import LlamaForCausalLM
 
-        return LlamaForCausalLM.from_pretrained(model_dir, config, dtype=dtype, device=device)
+        return LlamaForCausalLM.from_pretrained(model_dir, config, dtype=dtype, device=device, quantize=spec)
     if family == "hf":
         from glmkit.models.hf_causal_lm import HFCausalLM
 
-        return HFCausalLM.from_pretrained(model_dir, config, dtype=dtype, device=device)
+        return HFCausalLM.from_pretrained(model_dir, config, dtype=dtype, device=device, quantize=spec)
     if family == "chatglm":
         from glmkit.models.chatglm import ChatGLMForConditionalGeneration as family_class
     else:
         from glmkit.models.chatglm2 import ChatGLM2ForConditionalGeneration as family_class
     return family_class.from_pretrained(
-        model_dir, dtype=dtype, device=device, ptuning_checkpoint=ptuning_checkpoint, num_gpus=num_gpus
+        model_dir, dtype=dtype, device=device, ptuning_checkpoint=ptuning_checkpoint, num_gpus=num_gpus, quantize=spec
     )
 
 

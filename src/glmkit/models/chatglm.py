@@ -31,6 +31,7 @@ from torch import nn
 from glmkit.errors import GlmkitError
 from glmkit.models.base import CausalLMOutput, KVCache
 from glmkit.models.loading import allocate_cache, gpu_devices, layer_devices, load_pretrained
+from glmkit.models.quantize import QuantizationSpec
 
 
 @dataclass
@@ -394,9 +395,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
         device: str | torch.device = "cpu",
         ptuning_checkpoint: str | Path | None = None,
         num_gpus: int = 1,
+        quantize: QuantizationSpec | None = None,
     ) -> ChatGLMForConditionalGeneration:
-        """Load an official checkpoint directory; ``num_gpus > 1`` spreads the layers over GPUs 0..N-1."""
-        return load_pretrained(cls, ChatGLMConfig, path, dtype, gpu_devices(device, num_gpus), ptuning_checkpoint)
+        """Load an official checkpoint directory; ``num_gpus > 1`` spreads the layers over GPUs 0..N-1;
+        ``quantize`` quantizes a float checkpoint's decoder linears on the way (see ``load_pretrained``)."""
+        devices = gpu_devices(device, num_gpus)
+        return load_pretrained(cls, ChatGLMConfig, path, dtype, devices, ptuning_checkpoint, quantize)
 
     @property
     def blocks(self) -> nn.ModuleList:

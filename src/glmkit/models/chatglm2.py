@@ -29,6 +29,7 @@ from glmkit.errors import GlmkitError
 from glmkit.models.base import CausalLMOutput, KVCache
 from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values
 from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
+from glmkit.models.quantize import QuantizationSpec
 
 # cuDNN attention builds a plan for every new key length (~1.4 ms of CPU a call on an H200 with torch
 # 2.11), and a decode step has a new one every time: 54 ms a token instead of 16 for ChatGLM3-6B.
@@ -428,9 +429,12 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
         device: str | torch.device = "cpu",
         ptuning_checkpoint: str | Path | None = None,
         num_gpus: int = 1,
+        quantize: QuantizationSpec | None = None,
     ) -> ChatGLM2ForConditionalGeneration:
-        """Load an official checkpoint directory; ``num_gpus > 1`` spreads the layers over GPUs 0..N-1."""
-        return load_pretrained(cls, ChatGLM2Config, path, dtype, gpu_devices(device, num_gpus), ptuning_checkpoint)
+        """Load an official checkpoint directory; ``num_gpus > 1`` spreads the layers over GPUs 0..N-1;
+        ``quantize`` quantizes a float checkpoint's decoder linears on the way (see ``load_pretrained``)."""
+        devices = gpu_devices(device, num_gpus)
+        return load_pretrained(cls, ChatGLM2Config, path, dtype, devices, ptuning_checkpoint, quantize)
 
     @property
     def blocks(self) -> nn.ModuleList:

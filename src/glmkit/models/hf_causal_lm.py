@@ -19,6 +19,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from glmkit.errors import GlmkitError, first_line
 from glmkit.models.base import CausalLMOutput
+from glmkit.models.quantize import QuantizationSpec, quantize_model
 
 
 @dataclass
@@ -50,8 +51,14 @@ class HFCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: Path, config: dict[str, Any], dtype: torch.dtype, device: torch.device
+        cls,
+        path: Path,
+        config: dict[str, Any],
+        dtype: torch.dtype,
+        device: torch.device,
+        quantize: QuantizationSpec | None = None,
     ) -> HFCausalLM:
+        """``quantize``: quantize the decoder linears on the CPU (models with ``model.layers``), then move."""
         model_type = config.get("model_type")
         if model_type is None:
             raise GlmkitError(f"{path}/config.json has no model_type: glmkit cannot tell which network it holds")
@@ -61,12 +68,29 @@ class HFCausalLM(nn.Module):
                 f"{path}: model_type {model_type!r} is neither a glmkit family nor known to transformers "
                 f"{transformers.__version__}{needs_code if 'auto_map' in config else ''}"
             )
+        if QuantizationSpec.from_config(config) is not None:
+            raise GlmkitError(
+                f"{path} is a quantized checkpoint of a model glmkit runs through transformers: glmkit loads "
+                "quantized checkpoints of its native families only; quantize the float checkpoint at load instead"
+            )
         try:
             hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, trust_remote_code=False)
         except (ValueError, TypeError, KeyError, OSError, StrictDataclassError) as exc:
             raise GlmkitError(f"transformers cannot build a causal LM from {path}: {first_line(exc)}") from exc
+        if quantize is not None:
+            return quantize_model(cls(model.eval()), quantize.bits, quantize.group_size, [device])
         return cls(model.to(device).eval())
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise GlmkitError(
+                f"{type(self.model).__name__} keeps its decoder layers elsewhere than model.layers: "
+                "glmkit cannot quantize it; load it without --quantize"
+            )
+        return layers
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,8 @@ from torch import nn
 
 from glmkit.errors import GlmkitError
 from glmkit.models.base import CausalLMOutput, KVCache
+from glmkit.models.loading import check_requested_bits
+from glmkit.models.quantize import QuantizationSpec, pack_model, quantize_model, replace_linears
 from glmkit.models.weights import load_state_dict
 
 
@@ -169,9 +171,22 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def from_pretrained(cls, path: Path, config: dict[str, Any], dtype: torch.dtype, device: torch.device):
+    def from_pretrained(
+        cls,
+        path: Path,
+        config: dict[str, Any],
+        dtype: torch.dtype,
+        device: torch.device,
+        quantize: QuantizationSpec | None = None,
+    ):
+        """``quantize``: quantize the decoder linears of a float checkpoint on the CPU, then move them.
+        A checkpoint written by ``glmkit quantize`` loads into quantized modules as it is."""
         with torch.device("meta"):
             model = cls(LlamaConfig.from_dict(config))
+        saved = QuantizationSpec.from_config(config)
+        check_requested_bits(path, saved, quantize)
+        if saved is not None:
+            replace_linears(model, saved)
         state = load_state_dict(path)
         if model.config.tie_word_embeddings:  # one tensor saved under either name
             head = state.pop("lm_head.weight", None)
@@ -191,10 +206,20 @@ class LlamaForCausalLM(nn.Module):
                 raise GlmkitError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
                 )
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return model.to(device).eval()
+        if quantize is not None and saved is None:
+            return quantize_model(model, quantize.bits, quantize.group_size, [device]).eval()
+        model.to(device)
+        if saved is not None:
+            pack_model(model)
+        return model.eval()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
 
     @property
     def device(self) -> torch.device:

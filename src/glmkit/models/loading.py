@@ -12,6 +12,13 @@ from torch import nn
 
 from glmkit.errors import GlmkitError
 from glmkit.models.base import KVCache
+from glmkit.models.quantize import (
+    QuantizationSpec,
+    pack_model,
+    quantize_model,
+    replace_linears,
+    translate_official_int4,
+)
 from glmkit.models.weights import checkpoint_files, iter_tensors
 
 PREFIX_ENCODER = "transformer.prefix_encoder."
@@ -81,14 +88,25 @@ def load_pretrained(
     dtype: torch.dtype,
     devices: list[torch.device],
     ptuning_checkpoint: str | Path | None,
+    quantize: QuantizationSpec | None = None,
 ) -> Any:
     """Build ``cls(config)`` on the meta device, give it memory on ``devices`` and fill it by name from
-    the checkpoint (and the P-Tuning checkpoint); every parameter must be found with its shape."""
+    the checkpoint (and the P-Tuning checkpoint); every parameter must be found with its shape.
+
+    A quantized checkpoint (glmkit's or the official ChatGLM INT4/INT8 format) is loaded into quantized
+    modules directly; ``quantize`` quantizes a float one on the CPU, block by block, on the way to ``devices``.
+    """
     from glmkit.models import read_config
 
     path = Path(path)
-    config = config_cls.from_dict(read_config(path))
-    sources = [(path, iter_tensors(checkpoint_files(path)))]
+    raw_config = read_config(path)
+    config = config_cls.from_dict(raw_config)
+    saved = QuantizationSpec.from_config(raw_config)
+    check_requested_bits(path, saved, quantize)
+    tensors = iter_tensors(checkpoint_files(path))
+    if saved is not None and saved.official and saved.bits == 4:
+        tensors = translate_official_int4(tensors)
+    sources = [(path, tensors)]
     if ptuning_checkpoint is not None:
         settings, prefix_tensors = read_ptuning_checkpoint(Path(ptuning_checkpoint))
         config = replace(config, **settings)
@@ -98,17 +116,20 @@ def load_pretrained(
     model.to(dtype)
     if config.pre_seq_len:
         model.transformer.prefix_encoder.float()  # as the official P-Tuning scripts run it
-    materialize(model, devices)
+    if saved is not None:
+        replace_linears(model, saved)
+    quantize_later = quantize is not None and saved is None
+    materialize(model, [torch.device("cpu")] if quantize_later else devices)
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
     loaded: set[str] = set()
     for where, tensors in sources:
         unexpected = []
         for name, tensor in tensors:
-            if not tensor.is_floating_point() or name.endswith(".weight_scale"):
+            if saved is None and not tensor.is_floating_point():
                 raise GlmkitError(
-                    f"{where}: {name} is {tensor.dtype}: quantized checkpoints are not supported yet; "
-                    "use the fp16 checkpoint"
+                    f"{where}: {name} is {tensor.dtype} but config.json declares no quantization "
+                    "(quantization_bit or a glmkit quantization section): is the config from another checkpoint?"
                 )
             if cls.ignored_checkpoint_keys.fullmatch(name):
                 continue
@@ -128,7 +149,20 @@ def load_pretrained(
     missing = sorted(set(params) - loaded)
     if missing:
         raise GlmkitError(f"{path}: tensors missing from the checkpoint: {_some(missing)}")
+    if quantize_later:
+        quantize_model(model, quantize.bits, quantize.group_size, devices)
+    elif saved is not None:
+        pack_model(model)
     return model.eval()
+
+
+def check_requested_bits(path: Path, saved: QuantizationSpec | None, requested: QuantizationSpec | None) -> None:
+    """A quantized checkpoint loads as it is: asking for other bits is a mistake, not a conversion."""
+    if saved is not None and requested is not None and requested.bits != saved.bits:
+        raise GlmkitError(
+            f"{path} is already quantized to {saved.bits} bits; load it without --quantize or with "
+            f"--quantize {saved.bits}, or quantize its float checkpoint"
+        )
 
 
 def materialize(model: nn.Module, devices: list[torch.device]) -> None:
