@@ -24,7 +24,7 @@ from conftest import V1_DIR, V3_DIR, listening_socket, live_server, needs_confor
 
 from glmkit.engine import GenerationConfig
 from glmkit.engine.config import MAX_STOP_STRINGS
-from glmkit.engine.sampling import next_token
+from glmkit.engine.sampling import Sampler
 from glmkit.engine.scheduler import Scheduler, SchedulerClosed
 from glmkit.errors import GlmkitError
 from glmkit.serve import ServerOptions, create_app
@@ -73,7 +73,10 @@ def test_tiny_temperatures_decode_greedily(temperature):
     config = GenerationConfig(temperature=temperature, top_p=1.0)
     assert config.greedy
     logits = torch.randn(3, 50)
-    assert torch.equal(next_token(logits, config, torch.zeros(3, 0, dtype=torch.long)), logits.argmax(-1))
+    sampler = Sampler(3, "cpu")
+    for row in range(3):
+        sampler.assign(row, config, [])
+    assert torch.equal(sampler.sample(logits, slice(0, 3)), logits.argmax(-1))
 
 
 def test_python_api_mistakes_are_glmkit_errors(demo_chat):
@@ -167,14 +170,14 @@ def _collect(scheduler: Scheduler, prompt: list[int], config: GenerationConfig) 
 def test_an_exception_in_one_request_fails_only_that_request(demo_chat, monkeypatch):
     import glmkit.engine.scheduler as scheduler_module
 
-    real = scheduler_module.seeded_generator
+    real = scheduler_module.Sampler.assign
 
-    def faulty(config, device):
+    def faulty(self, row, config, prompt_ids):
         if config.seed == 13:
             raise OverflowError("a planted fault")
-        return real(config, device)
+        return real(self, row, config, prompt_ids)
 
-    monkeypatch.setattr(scheduler_module, "seeded_generator", faulty)
+    monkeypatch.setattr(scheduler_module.Sampler, "assign", faulty)
     scheduler = Scheduler(demo_chat.engine, max_active=4)
     try:
         prompt = demo_chat.encode(demo_chat.build_messages(FRANCE))
