@@ -171,11 +171,13 @@ def load(
     revision: str | None = None,
     ptuning_checkpoint: str | Path | None = None,
     num_gpus: int = 1,
+    adapter: str | Path | None = None,
 ) -> ChatModel:
     """Load a chat model: a local directory, a hub id, or (no argument) the bundled demo model.
 
     ``ptuning_checkpoint`` puts a P-Tuning v2 prefix encoder over a ChatGLM model; ``num_gpus`` splits a
-    ChatGLM model's layers over that many CUDA GPUs.
+    ChatGLM model's layers over that many CUDA GPUs.  ``adapter`` applies what ``glmkit train`` wrote: a
+    LoRA adapter folder (merged into the weights) or a P-Tuning v2 checkpoint folder.
     """
     model_dir = resolve_model(model, source=source, revision=revision)
     config = read_config(model_dir)
@@ -184,6 +186,12 @@ def load(
     network = load_model(
         model_dir, dtype=torch_dtype, device=torch_device, ptuning_checkpoint=ptuning_checkpoint, num_gpus=num_gpus
     )
+    if adapter is not None:
+        from glmkit.models.adapters import apply_adapter
+
+        if ptuning_checkpoint is not None:
+            raise GlmkitError("give either an adapter or a P-Tuning checkpoint, not both")
+        apply_adapter(network, adapter)
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))
     name = str(model) if model is not None else DEMO_MODEL_NAME

@@ -27,6 +27,9 @@ DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
 MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
+AdapterOption = Annotated[
+    Path | None, typer.Option(help="What glmkit train wrote: a LoRA adapter or a P-Tuning v2 checkpoint directory.")
+]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
@@ -40,6 +43,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _train_signature():
+    from glmkit.train.commands import train_parameters
+
+    return train_parameters()
+
+
 @app.callback()
 def main_options(
     version: Annotated[
@@ -49,7 +58,7 @@ def main_options(
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
 
 
-def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source):
+def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, adapter):
     from glmkit.chat import load
 
     return load(
@@ -60,6 +69,7 @@ def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpu
         source=source,
         ptuning_checkpoint=ptuning_checkpoint,
         num_gpus=num_gpus,
+        adapter=adapter,
     )
 
 
@@ -81,6 +91,7 @@ def chat(
     stop: Annotated[list[str] | None, typer.Option(help="Stop the reply at this text (repeatable).")] = None,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
@@ -97,7 +108,7 @@ def chat(
         if not query:
             raise GlmkitError("no question on standard input")
     template = template or ("characterglm" if card else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, adapter)
     options: dict[str, Any] = {
         "system": system,
         "character": card,
@@ -142,6 +153,7 @@ def serve(
     max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
@@ -150,7 +162,7 @@ def serve(
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, adapter)
     run_server(
         chat_model,
         ServerOptions(
@@ -175,6 +187,7 @@ def web(
     max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
@@ -183,7 +196,7 @@ def web(
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
     from glmkit.web.app import run_web
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source)
+    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, adapter)
     run_web(chat_model, host=host, port=port, max_active=max_active, max_queue=max_queue)
 
 
@@ -213,6 +226,32 @@ def env() -> None:
     width = max(map(len, rows))
     for key, value in rows.items():
         typer.echo(f"{key:<{width}}  {value}")
+
+
+@app.command("train", context_settings={"help_option_names": ["--help", "-h"]})
+def train_command(**values: Any) -> None:
+    """Fine-tune a model: LoRA, P-Tuning v2, freeze or full (flags or --config run.yaml; flags win)."""
+    from glmkit.train.commands import run_train
+
+    run_train(values)
+
+
+train_command.__signature__ = _train_signature()  # the flags come from the settings dataclasses
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="LoRA adapter directory (from glmkit train).")],
+    output: Annotated[Path, typer.Option(help="Where the merged model goes (a new directory).")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model; default: the one the adapter names.")
+    ] = None,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Merge a LoRA adapter into its base model and write a model directory in the original format."""
+    from glmkit.train.export import export_merged
+
+    typer.echo(f"merged model written to {export_merged(adapter, output, model=model, device=device)}")
 
 
 def main() -> None:

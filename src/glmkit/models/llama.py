@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache
 from glmkit.models.weights import load_state_dict
 
 
@@ -135,7 +135,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -195,6 +195,10 @@ class LlamaForCausalLM(nn.Module):
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(device).eval()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
 
     @property
     def device(self) -> torch.device:
