@@ -69,7 +69,10 @@ def _lora(network: nn.Module, model_dir: Path, family: str, args: MethodArgs) ->
     def load(directory: Path) -> None:
         set_peft_model_state_dict(model, load_peft_weights(str(directory), device="cpu"))
 
-    return Prepared(network, save=lambda directory, final: model.save_pretrained(str(directory)), load=load)
+    def save(directory: Path, final: bool) -> None:
+        model.save_pretrained(str(directory), save_embedding_layers=False)
+
+    return Prepared(network, save=save, load=load)
 
 
 def _ptuning(network: nn.Module, model_dir: Path, family: str, args: MethodArgs) -> Prepared:
