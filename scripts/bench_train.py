@@ -12,6 +12,7 @@ Reported: tokens/s (median of the timed steps after warm-up) and peak memory
 (``torch.cuda.max_memory_allocated``), as a table and as JSON.
 
     python scripts/bench_train.py                       # one CUDA GPU, the real shape
+    python scripts/bench_train.py --compile             # also glmkit with each layer torch.compile'd
     python scripts/bench_train.py --tiny --device cpu   # a tiny shape: checks the script runs
 """
 
@@ -22,6 +23,7 @@ import gc
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,12 @@ CHATGLM3_6B = {
 TINY = CHATGLM3_6B | {"padded_vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
                       "kv_channels": 16, "ffn_hidden_size": 128, "seq_length": 256}  # fmt: skip
 CASES = ("lora", "lora+checkpointing", "ptuning")
+SIDES = ("glmkit", "glmkit+compile", "transformers+peft")
 
 
-def glmkit_model(cfg: dict, case: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
+def glmkit_model(
+    cfg: dict, case: str, device: torch.device, compile_blocks: bool = False
+) -> tuple[torch.nn.Module, Any]:
     from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
     from glmkit.train.args import MethodArgs
     from glmkit.train.loss import token_loss_sum
@@ -51,6 +56,9 @@ def glmkit_model(cfg: dict, case: str, device: torch.device) -> tuple[torch.nn.M
     prepare(model, Path("."), "chatglm2", method)
     if case == "lora+checkpointing":
         enable_gradient_checkpointing(model)
+    if compile_blocks:  # each decoder layer compiled once (all have the same shapes)
+        for block in model.blocks:
+            block.compile()
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
         logits = model(ids).logits
@@ -148,6 +156,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--output", type=Path, default=Path("bench_train.json"))
+    parser.add_argument("--compile", action="store_true", help="also glmkit with torch.compile on each layer")
     args = parser.parse_args()
     if args.tiny:
         args.seq = min(args.seq, 64)
@@ -157,11 +166,17 @@ def main() -> None:
                                "torch": torch.__version__, "config": cfg, "batch": args.batch, "seq": args.seq,
                                "cases": {}}  # fmt: skip
     for case in args.cases.split(","):
-        ours = measure(glmkit_model, cfg, case, args, device)
-        theirs = measure(transformers_model, cfg, case, args, device)
-        results["cases"][case] = {"glmkit": ours, "transformers+peft": theirs}
-        if "tokens_per_second" in ours and "tokens_per_second" in theirs:
-            results["cases"][case]["speedup"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+        row = {
+            "glmkit": measure(glmkit_model, cfg, case, args, device),
+            "transformers+peft": measure(transformers_model, cfg, case, args, device),
+        }
+        if args.compile:
+            row["glmkit+compile"] = measure(partial(glmkit_model, compile_blocks=True), cfg, case, args, device)
+        theirs = row["transformers+peft"].get("tokens_per_second")
+        for side in ("glmkit", "glmkit+compile"):
+            if theirs and "tokens_per_second" in row.get(side, {}):
+                row[side]["speedup_vs_transformers"] = row[side]["tokens_per_second"] / theirs
+        results["cases"][case] = row
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"results written to {args.output}")
@@ -170,13 +185,16 @@ def main() -> None:
 def print_table(results: dict[str, Any]) -> None:
     print(f"{'case':<20} {'side':<18} {'tokens/s':>10} {'peak GiB':>9}  note")
     for case, sides in results["cases"].items():
-        for side in ("glmkit", "transformers+peft"):
-            r = sides[side]
+        for side in SIDES:
+            r = sides.get(side)
+            if r is None:
+                continue
             if "error" in r:
                 print(f"{case:<20} {side:<18} {'-':>10} {'-':>9}  {r['error']}")
                 continue
             peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-            note = f"speedup {sides['speedup']:.2f}x" if side == "glmkit" and "speedup" in sides else ""
+            speedup = r.get("speedup_vs_transformers")
+            note = f"{speedup:.2f}x transformers+peft" if speedup else ""
             print(f"{case:<20} {side:<18} {r['tokens_per_second']:>10.0f} {peak:>9}  {note}")
 
 

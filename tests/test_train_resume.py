@@ -89,6 +89,12 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     assert run["resolved"]["resumed_from_step"] >= 8 and len(run["data_files"]["data"]["sha256"]) == 64
     assert (killed / "training_loss.png").stat().st_size > 0
 
+    chat = CliRunner().invoke(
+        app, ["chat", "--model", str(model_dir), "--adapter", str(killed), "-q", "你好", "--temperature", "0",
+              "--max-new-tokens", "4", "--device", "cpu"],
+    )  # fmt: skip
+    assert chat.exit_code == 0, (chat.output, chat.exception)
+
 
 def test_resume_with_other_batch_settings_is_refused(tmp_path):
     model_dir = official_dir(tmp_path, "v3")

@@ -78,6 +78,14 @@ def run_train(values: dict[str, Any]) -> None:
 def relaunch(num_processes: int) -> int:
     """Run this same command as ``num_processes`` processes through ``accelerate launch`` (one per GPU);
     the processes see WORLD_SIZE and do not launch again."""
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < num_processes:
+        raise GlmkitError(
+            f"--num-gpus {num_processes}: this machine has {found} CUDA GPU(s); lower --num-gpus, or start CPU "
+            f"processes yourself: torchrun --nproc_per_node {num_processes} -m glmkit train ..."
+        )
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
         "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -33,6 +33,13 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _command() -> list[str]:
+    """The command line as typed: ``glmkit ...`` or ``python -m glmkit ...``."""
+    program = Path(sys.argv[0]).name
+    head = [Path(sys.executable).name, "-m", "glmkit"] if program == "__main__.py" else [program]
+    return [*head, *sys.argv[1:]]
+
+
 def write_run_file(output_dir: Path, settings: list[Any], extra: dict[str, Any]) -> None:
     data_files = {}
     for group in settings:
@@ -41,7 +48,7 @@ def write_run_file(output_dir: Path, settings: list[Any], extra: dict[str, Any])
             if path and Path(path).is_file():
                 data_files[name] = {"path": str(Path(path).resolve()), "sha256": sha256(path)}
     run = {
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": _command(),
         "settings": {type(g).__name__: dataclasses.asdict(g) for g in settings},
         "data_files": data_files,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES}},

@@ -130,7 +130,8 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_partial(output_dir)
     accelerator.wait_for_everyone()
-    resume_from = checkpoints.list_checkpoints(output_dir)[-1] if training.resume else None
+    found = checkpoints.list_checkpoints(output_dir) if training.resume else []
+    resume_from = found[-1] if found else None  # --resume with no checkpoint yet starts from the beginning
 
     _seed(training.seed)
     load_dtype = _HALF[precision] if method_args.method in ("lora", "ptuning") else torch.float32  # master weights
