@@ -37,7 +37,7 @@ CASES = [
     ("qwen", "lora", {"learning_rate": 1e-2, "max_steps": 25, "lora_dropout": 0.0}, True),
     ("demo", "lora", {"learning_rate": 5e-3, "max_steps": 8, "lora_dropout": 0.0}, True),
     ("v1", "lora", {"learning_rate": 1e-2, "max_steps": 4}, False),
-    ("v3", "ptuning", {"learning_rate": 1.0, "max_steps": 25, "pre_seq_len": 8}, True),
+    ("v3", "ptuning", {"learning_rate": 1.0, "max_steps": 30, "pre_seq_len": 8, "lr_scheduler": "linear"}, True),
     ("v1", "ptuning", {"learning_rate": 1e-1, "max_steps": 4, "pre_seq_len": 4, "prefix_projection": True}, False),
     ("v3", "freeze", {"learning_rate": 2e-2, "max_steps": 8, "trainable_layers": 1}, True),
     ("v1-learnable", "full", {"learning_rate": 5e-3, "max_steps": 25}, True),
@@ -58,7 +58,7 @@ def test_method_learns_the_answer_and_reloads(model_dirs, tmp_path, family, meth
     model_dir = model_dirs[family]
     question, answer = pair(family)
     rows, pad = rows_for(model_dir, TEMPLATES[family], [(question, answer)])
-    result = fit(model_dir, tmp_path / "out", rows, pad, method=method, lr_scheduler="constant", **settings)
+    result = fit(model_dir, tmp_path / "out", rows, pad, method=method, **({"lr_scheduler": "constant"} | settings))
     assert result.losses[-1] < (0.1 if learns else 0.98) * result.losses[0], result.losses
     network = result.prepared.network
     if learns:

@@ -74,10 +74,12 @@ def load_lora(network: nn.Module, path: Path) -> nn.Module:
     # task_type CAUSAL_LM (what most adapters say) wraps transformers' generation API, which glmkit's
     # modules do not have and do not need: the plain peft model injects the same layers
     config.task_type, config.inference_mode = None, True
+    was_training = network.training
     try:
         model = get_peft_model(peft_target(network), config)
     except ValueError as exc:  # no module of the model matches target_modules
         raise GlmkitError(f"{path} does not fit this model: {exc}") from exc
+    network.train(was_training)  # the injected layers (their dropout) start in training mode
     result = set_peft_model_state_dict(model, load_peft_weights(str(path), device="cpu"))
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     missing = [k for k in result.missing_keys if "lora_" in k]
