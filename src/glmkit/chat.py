@@ -194,14 +194,20 @@ def load(
     num_gpus: int = 1,
     quantize: int | None = None,
     group_size: int | None = None,
+    adapter: str | Path | None = None,
 ) -> ChatModel:
     """Load a chat model: a local directory, a hub id, or (no argument) the bundled demo model.
 
     ``ptuning_checkpoint`` puts a P-Tuning v2 prefix encoder over a ChatGLM model; ``num_gpus`` splits a
     ChatGLM model's layers over that many CUDA GPUs; ``quantize`` (4 or 8) quantizes the decoder linears
     while loading (INT4 in groups of ``group_size``, default 32).  Quantized checkpoints (``glmkit
-    quantize``, the official ChatGLM INT4/INT8 ones) load quantized as they are.
+    quantize``, the official ChatGLM INT4/INT8 ones) load quantized as they are.  ``adapter`` applies what
+    ``glmkit train`` wrote: a LoRA adapter folder (merged into the weights) or a P-Tuning v2 checkpoint folder.
     """
+    if adapter is not None and quantize is not None:
+        raise GlmkitError(
+            "--adapter and --quantize together: merge the adapter first (glmkit export), then quantize the result"
+        )
     model_dir = resolve_model(model, source=source, revision=revision)
     config = read_config(model_dir)
     torch_device = resolve_device(device)
@@ -215,6 +221,12 @@ def load(
         quantize=quantize,
         group_size=group_size,
     )
+    if adapter is not None:
+        from glmkit.models.adapters import apply_adapter
+
+        if ptuning_checkpoint is not None:
+            raise GlmkitError("give either an adapter or a P-Tuning checkpoint, not both")
+        apply_adapter(network, adapter)
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))
     name = str(model) if model is not None else DEMO_MODEL_NAME

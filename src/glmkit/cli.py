@@ -39,6 +39,9 @@ NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model o
 QuantizeOption = Annotated[
     int | None, typer.Option(help="Quantize the decoder linears while loading: 8 (INT8) or 4 (INT4, groups of 32).")
 ]
+AdapterOption = Annotated[
+    Path | None, typer.Option(help="What glmkit train wrote: a LoRA adapter or a P-Tuning v2 checkpoint directory.")
+]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
@@ -85,6 +88,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _train_signature():
+    from glmkit.train.commands import train_parameters
+
+    return train_parameters()
+
+
 @app.callback()
 def main_options(
     version: Annotated[
@@ -94,7 +103,7 @@ def main_options(
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
 
 
-def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize):
+def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=None, adapter=None):
     from glmkit.chat import load
 
     return load(
@@ -106,6 +115,7 @@ def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpu
         ptuning_checkpoint=ptuning_checkpoint,
         num_gpus=num_gpus,
         quantize=quantize,
+        adapter=adapter,
     )
 
 
@@ -127,6 +137,7 @@ def chat(
     stop: Annotated[list[str] | None, typer.Option(help="Stop the reply at this text (repeatable).")] = None,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
@@ -164,7 +175,9 @@ def chat(
     if system is not None:
         check_text(system, "the system prompt")
     template = template or ("characterglm" if card else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
+    chat_model = _load_chat_model(
+        model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
+    )
     options: dict[str, Any] = {"system": system, "character": card, **generation}
     if query is not None:
         try:
@@ -204,6 +217,7 @@ def serve(
     ] = 5.0,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
@@ -213,7 +227,9 @@ def serve(
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
+    chat_model = _load_chat_model(
+        model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
+    )
     run_server(
         chat_model,
         ServerOptions(
@@ -241,6 +257,7 @@ def web(
     max_queue: MaxQueueOption = 64,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
+    adapter: AdapterOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     num_gpus: NumGpusOption = 1,
@@ -250,7 +267,9 @@ def web(
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
     from glmkit.serve.server import ServerOptions, run_server
 
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize)
+    chat_model = _load_chat_model(
+        model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
+    )
     # glmkit serve's server with the page alone: the same limits, CORS policy and shutdown
     options = ServerOptions(
         host=host,
@@ -337,18 +356,6 @@ def data_convert(
     typer.echo(f"{output}: {count} rows ({fmt})")
 
 
-def _adapter_loader() -> Callable[[Any, Path], None]:
-    """``glmkit.train.adapters.apply_adapter``; LoRA adapters come with the trainer, and until that module
-    is there --adapter says so plainly (before any model is loaded)."""
-    try:
-        from glmkit.train.adapters import apply_adapter
-    except ModuleNotFoundError as exc:
-        if exc.name != "glmkit.train.adapters":
-            raise
-        raise GlmkitError("LoRA adapters are not supported yet (--adapter); use --ptuning-checkpoint") from None
-    return apply_adapter
-
-
 @app.command("eval")
 @with_options(DataArgs, "data_args")
 def eval_command(
@@ -364,7 +371,7 @@ def eval_command(
     repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows generated together.")] = 8,
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter directory.")] = None,
+    adapter: AdapterOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -377,12 +384,11 @@ def eval_command(
     from glmkit.train.data import load_examples
     from glmkit.train.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate
 
-    apply_adapter = _adapter_loader() if adapter is not None else None
     examples = load_examples(data, data_args)
     template = data_args.template or ("characterglm" if data_args.character else None)
-    chat_model = _load_chat_model(model, template, ptuning_checkpoint, device, dtype, 1, source, quantize)
-    if apply_adapter is not None:
-        apply_adapter(chat_model, adapter)
+    chat_model = _load_chat_model(
+        model, template, ptuning_checkpoint, device, dtype, 1, source, quantize=quantize, adapter=adapter
+    )
     sampling = temperature is not None and temperature > 0
     config = chat_model.generation(
         do_sample=sampling,
@@ -444,6 +450,32 @@ def env() -> None:
     width = max(map(len, rows))
     for key, value in rows.items():
         typer.echo(f"{key:<{width}}  {value}")
+
+
+@app.command("train", context_settings={"help_option_names": ["--help", "-h"]})
+def train_command(**values: Any) -> None:
+    """Fine-tune a model: LoRA, P-Tuning v2, freeze or full (flags or --config run.yaml; flags win)."""
+    from glmkit.train.commands import run_train
+
+    run_train(values)
+
+
+train_command.__signature__ = _train_signature()  # the flags come from the settings dataclasses
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="LoRA adapter directory (from glmkit train).")],
+    output: Annotated[Path, typer.Option(help="Where the merged model goes (a new directory).")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model; default: the one the adapter names.")
+    ] = None,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Merge a LoRA adapter into its base model and write a model directory in the original format."""
+    from glmkit.train.export import export_merged
+
+    typer.echo(f"merged model written to {export_merged(adapter, output, model=model, device=device)}")
 
 
 def main() -> None:

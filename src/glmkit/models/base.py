@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -49,6 +51,18 @@ class CausalLM(Protocol):
         cache: Cache | None = None,
         last_only: bool = False,
     ) -> CausalLMOutput: ...
+
+
+class Block(nn.Module):
+    """A decoder layer.  With ``gradient_checkpointing`` set (the trainer sets it) a training forward
+    keeps only the layer's input and recomputes the rest in the backward pass; decoding is unaffected."""
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache
 from glmkit.models.loading import allocate_cache, gpu_devices, layer_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
 
@@ -53,6 +53,7 @@ class ChatGLMConfig:
     pad_token_id: int = 3
     pre_seq_len: int | None = None  # P-Tuning v2 prefix length
     prefix_projection: bool = False
+    prefix_hidden_size: int | None = None  # width of the prefix MLP; hidden_size when unset (official)
     quantization_bit: int = 0
 
     @classmethod
@@ -189,7 +190,7 @@ class GLU(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(Block):
     def __init__(self, config: ChatGLMConfig) -> None:
         super().__init__()
         # sqrt(2 * 28) whatever num_layers says: the reference never passes num_layers to its blocks,
@@ -224,10 +225,13 @@ class ChatGLMModel(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         if config.pre_seq_len:
-            kv_size = config.num_layers * 2 * config.hidden_size
-            self.prefix_encoder = PrefixEncoder(
-                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection, config.hidden_size
-            )
+            self.prefix_encoder = self.build_prefix_encoder(config)
+
+    @staticmethod
+    def build_prefix_encoder(config: ChatGLMConfig) -> PrefixEncoder:
+        kv_size = config.num_layers * 2 * config.hidden_size
+        width = config.prefix_hidden_size or config.hidden_size
+        return PrefixEncoder(config.pre_seq_len, kv_size, width, config.prefix_projection, config.hidden_size)
 
     def build_masks_and_positions(
         self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
@@ -235,9 +239,9 @@ class ChatGLMModel(nn.Module):
         """The reference ``get_masks``/``get_position_ids``: ``[b, 1, s, s]`` (True = may not attend)
         and ``[b, 2, s]`` positions.
 
-        With ``padding_mask`` (``[b, s]``, 0 on left padding) pads are masked out and positions start
-        after them, as the reference tokenizer pads a batch; without it pads count as context, as the
-        reference model does.
+        With ``padding_mask`` (``[b, s]``, 0 on padding) pads are masked out and positions start after
+        the left padding, as the reference tokenizer pads a batch (right padding, as training batches
+        have it, moves no position); without it pads count as context, as the reference model does.
         """
         cfg = self.config
         b, s = input_ids.shape
@@ -252,7 +256,7 @@ class ChatGLMModel(nn.Module):
             pads = torch.zeros(b, s, dtype=torch.bool, device=input_ids.device)
         else:
             pads = padding_mask == 0
-        num_pads = pads.sum(1, keepdim=True)
+        num_pads = pads.int().cumprod(1).sum(1, keepdim=True)  # the leading ones
         idx = torch.arange(s, device=input_ids.device)[None]
         after = idx >= context[:, None]
         position = torch.where(after, mask_at[:, None] - num_pads, (idx - num_pads).clamp(min=0))

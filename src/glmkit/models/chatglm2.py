@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache
 from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values
 from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
@@ -62,6 +62,7 @@ class ChatGLM2Config:
     pad_token_id: int = 0
     pre_seq_len: int | None = None  # P-Tuning v2 prefix length
     prefix_projection: bool = False
+    prefix_hidden_size: int | None = None  # width of the prefix MLP; hidden_size when unset (official)
     quantization_bit: int = 0
 
     @classmethod
@@ -187,7 +188,7 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(Block):
     def __init__(self, config: ChatGLM2Config) -> None:
         super().__init__()
         self.input_layernorm = _norm(config)
@@ -233,10 +234,13 @@ class ChatGLMModel(nn.Module):
         self.encoder = GLMTransformer(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         if config.pre_seq_len:
-            kv_size = config.num_layers * 2 * config.kv_heads * config.kv_channels
-            self.prefix_encoder = PrefixEncoder(
-                config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection, kv_size
-            )
+            self.prefix_encoder = self.build_prefix_encoder(config)
+
+    @staticmethod
+    def build_prefix_encoder(config: ChatGLM2Config) -> PrefixEncoder:
+        kv_size = config.num_layers * 2 * config.kv_heads * config.kv_channels
+        width = config.prefix_hidden_size or config.hidden_size
+        return PrefixEncoder(config.pre_seq_len, kv_size, width, config.prefix_projection, kv_size)
 
     def forward(
         self,

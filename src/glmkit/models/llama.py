@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache
 from glmkit.models.loading import check_requested_bits
 from glmkit.models.quantize import QuantizationSpec, pack_model, quantize_model, replace_linears
 from glmkit.models.weights import load_state_dict
@@ -137,7 +137,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

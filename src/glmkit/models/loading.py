@@ -69,9 +69,11 @@ def read_ptuning_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch
     embedding = tensors.get(PREFIX_ENCODER + "embedding.weight")
     if embedding is None:
         raise GlmkitError(f"{path} holds no {PREFIX_ENCODER}embedding.weight: is it a P-Tuning v2 checkpoint?")
+    first_linear = tensors.get(PREFIX_ENCODER + "trans.0.weight")
     settings: dict[str, Any] = {
         "pre_seq_len": embedding.shape[0],
-        "prefix_projection": any(name.startswith(PREFIX_ENCODER + "trans.") for name in tensors),
+        "prefix_projection": first_linear is not None,
+        "prefix_hidden_size": None if first_linear is None else first_linear.shape[0],
     }
     if (path / "config.json").is_file():
         from glmkit.models import read_config
@@ -79,6 +81,27 @@ def read_ptuning_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch
         saved = read_config(path)
         settings.update({k: saved[k] for k in settings if saved.get(k) is not None})
     return settings, tensors
+
+
+def attach_prefix_encoder(
+    model: nn.Module, pre_seq_len: int, prefix_projection: bool = False, prefix_hidden_size: int | None = None
+) -> nn.Module:
+    """Give a loaded ChatGLM-family model a new P-Tuning v2 prefix encoder (float32, torch's default
+    init, on the embeddings' device), replacing any it had; what ``forward`` and the cache see follows."""
+    if not hasattr(model.transformer, "build_prefix_encoder"):
+        raise GlmkitError("P-Tuning v2 applies to ChatGLM-family models only")
+    if pre_seq_len < 1:
+        raise GlmkitError(f"pre_seq_len must be at least 1, not {pre_seq_len}")
+    config = replace(
+        model.config,
+        pre_seq_len=pre_seq_len,
+        prefix_projection=prefix_projection,
+        prefix_hidden_size=prefix_hidden_size if prefix_projection else None,
+    )
+    model.config = model.transformer.config = config
+    with torch.device(model.device):
+        model.transformer.prefix_encoder = model.transformer.build_prefix_encoder(config).float()
+    return model
 
 
 def load_pretrained(
