@@ -82,10 +82,11 @@ def test_eval_command(tmp_path):
     assert len(read_lines(tmp_path / "generated_predictions.jsonl")) == 2
 
 
-def test_eval_adapter_is_not_there_yet(tmp_path):
-    result = CliRunner().invoke(app, ["eval", "--data", __file__, "--output", str(tmp_path), "--adapter", "lora"])
-    assert isinstance(result.exception, GlmkitError)
-    assert "LoRA adapters are not supported yet" in str(result.exception)
+@needs_data
+def test_eval_refuses_an_adapter_folder_that_is_neither_kind(tmp_path):
+    command = ["eval", "--data", str(DEV), "--output", str(tmp_path), "--adapter", str(tmp_path), "--max-rows", "2"]
+    result = CliRunner().invoke(app, command)
+    assert isinstance(result.exception, GlmkitError) and "LoRA adapter" in str(result.exception), result.output
 
 
 @needs_data
