@@ -113,6 +113,10 @@ def measure(build, cfg: dict, case: str, args, device: torch.device) -> dict[str
         model, loss_fn = build(cfg, case, device)
     except Exception as exc:  # a side that cannot run this case reports why, the rest goes on
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    if device.type == "cuda":
+        # the peak of training (weights included), not of building: modules are built in float32 first
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, cfg["padded_vocab_size"], (args.batch, args.seq), device=device)
     times = []
@@ -134,6 +138,7 @@ def measure(build, cfg: dict, case: str, args, device: torch.device) -> dict[str
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
         del model, optimizer
+        torch._dynamo.reset()  # compiled layers keep their module alive otherwise: memory for the next side
         gc.collect()
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
