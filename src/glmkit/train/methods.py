@@ -21,6 +21,7 @@ from torch import nn
 from glmkit.errors import GlmkitError
 from glmkit.models import read_config
 from glmkit.models.adapters import peft_target
+from glmkit.models.base import Block
 from glmkit.models.loading import PREFIX_ENCODER, attach_prefix_encoder
 from glmkit.train.args import MethodArgs
 from glmkit.train.export import checkpoint_dtype, save_model_dir
@@ -158,8 +159,10 @@ def decoder_layers(network: nn.Module) -> nn.ModuleList:
 
 def enable_gradient_checkpointing(network: nn.Module) -> None:
     """Recompute each layer's activations in the backward pass (glmkit's blocks, or transformers' own)."""
-    if getattr(network, "blocks", None) is not None:
-        for block in network.blocks:
+    blocks = getattr(network, "blocks", None)
+    # glmkit's own layers; transformers' layers (HFCausalLM.blocks) are switched by transformers itself
+    if blocks is not None and all(isinstance(block, Block) for block in blocks):
+        for block in blocks:
             block.gradient_checkpointing = True
         return
     inner = peft_target(network)
