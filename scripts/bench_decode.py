@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from random_chatglm2 import random_chatglm2
 
 from glmkit.engine import Engine, GenerationConfig, iter_tokens
 from glmkit.engine.scheduler import Scheduler
-from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-from glmkit.models.loading import materialize
+from glmkit.models.chatglm2 import ChatGLM2Config
 
 CHATGLM3_6B = {
     "num_layers": 28, "hidden_size": 4096, "ffn_hidden_size": 13696, "num_attention_heads": 32,
@@ -41,24 +41,6 @@ GiB = 2**30
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def build(config: dict, device: torch.device, dtype: torch.dtype) -> ChatGLM2ForConditionalGeneration:
-    """glmkit's native ChatGLM2/3 network with N(0, 0.02) weights, unit norms, zero biases."""
-    with torch.device("meta"):
-        model = ChatGLM2ForConditionalGeneration(ChatGLM2Config.from_dict(config))
-    model.to(dtype)
-    materialize(model, [device])
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator, device=device, dtype=dtype) * 0.02)
-    return model.eval()
 
 
 def prompt(length: int, vocab: int, seed: int) -> list[int]:
@@ -344,7 +326,7 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=1))
         print(f"[{time.strftime('%H:%M:%S')}] {section} done", flush=True)
 
-    model = build(config, device, torch.float32 if args.tiny else torch.bfloat16)
+    model = random_chatglm2(ChatGLM2Config.from_dict(config), device, torch.float32 if args.tiny else torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     report["weight_gb"] = round(weight_bytes / 1e9, 3)
     if device.type == "cuda":

@@ -26,9 +26,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from random_chatglm2 import random_chatglm2
 
-from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-from glmkit.models.loading import materialize
+from glmkit.models.chatglm2 import ChatGLM2Config
 from glmkit.models.quantize import Int4Linear, Int8Linear, QuantizedLinear, quantize_model
 
 FULL = ChatGLM2Config(
@@ -41,26 +41,6 @@ TINY = ChatGLM2Config(
 )  # fmt: skip
 GB, GiB = 1e9, 2**30
 PROMPT = 128
-
-
-def build_cpu_model(config: ChatGLM2Config, device: torch.device) -> ChatGLM2ForConditionalGeneration:
-    """bf16, N(0, 0.02) weights, unit norms, zero biases, on the CPU (drawn on ``device``: a CPU draws
-    6 billion normals slowly; one tensor at a time is on the device)."""
-    with torch.device("meta"):
-        model = ChatGLM2ForConditionalGeneration(config)
-    model.to(torch.bfloat16)
-    materialize(model, [torch.device("cpu")])
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                drawn = torch.randn(p.shape, generator=generator, device=device, dtype=torch.bfloat16) * 0.02
-                p.copy_(drawn.cpu())
-    return model.eval()
 
 
 def variant(cpu_model, name: str, device: torch.device):
@@ -199,7 +179,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    cpu_model = build_cpu_model(TINY if args.tiny else FULL, device)
+    # on the CPU first, drawn on the device: quantizing layer by layer never holds the float model there
+    cpu_model = random_chatglm2(TINY if args.tiny else FULL, torch.device("cpu"), torch.bfloat16, device)
     print(f"built the bf16 model on the CPU in {time.perf_counter() - t0:.0f} s; torch {torch.__version__}")
     print(layout_check(cpu_model, device))
 
