@@ -130,3 +130,43 @@ def test_session_survives_an_early_close_but_not_an_interrupted_step(tiny_llama)
     finally:
         tiny_llama.forward = original
     assert session.cache is None and session.tokens == []
+
+
+def test_ctrl_c_while_the_session_cache_grows_leaves_no_half_grown_cache(monkeypatch):
+    """Ctrl-C in the REPL can land while a reused cache is being lengthened for the next turn."""
+    from glmkit.models.base import KVCache
+
+    cache = KVCache.allocate(3, 1, 2, 8, 4, torch.float32, "cpu")
+    calls = {"n": 0}
+    real_zeros = torch.Tensor.new_zeros
+
+    def zeros_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after some layers are grown
+            raise KeyboardInterrupt
+        return real_zeros(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", zeros_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cache.grow(16)
+    monkeypatch.undo()
+    assert {t.shape[2] for t in (*cache.keys, *cache.values)} == {8}, "every layer keeps the old size"
+
+
+def test_an_interrupted_cache_preparation_resets_the_session(tiny_llama, monkeypatch):
+    from glmkit.engine import generate as generate_module
+    from glmkit.engine import iter_tokens
+
+    session = DecodeSession()
+    tokens = iter_tokens(tiny_llama, PROMPT, GREEDY, session=session)
+    next(tokens)
+    tokens.close()
+    assert session.cache is not None
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, "_prepare_cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        next(iter_tokens(tiny_llama, [*PROMPT, 1, 2], GREEDY, session=session))
+    assert session.cache is None and session.tokens == []

@@ -88,10 +88,10 @@ def iter_tokens(
     sampler.assign(0, config, prompt_ids)
     first = slice(0, 1)
     cache, cached = (None, 0)
-    if use_cache:
-        cache, cached = _prepare_cache(model, prompt_ids, len(prompt_ids) + budget, session)
     ids = list(prompt_ids)
     try:
+        if use_cache:
+            cache, cached = _prepare_cache(model, prompt_ids, len(prompt_ids) + budget, session)
         with torch.inference_mode():
             logits = model(torch.tensor([ids[cached:]], device=device), cache=cache, last_only=True).logits[:, -1]
             if session is not None and use_cache:

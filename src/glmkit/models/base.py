@@ -124,11 +124,15 @@ class KVCache:
         """Room for ``max_length`` positions per row, keeping what is stored (new tensors: take new views)."""
         if max_length <= self.max_length:
             return
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                bigger = old.new_zeros((*old.shape[:2], max_length, old.shape[3]))
-                bigger[:, :, : old.shape[2]] = old
-                store[i] = bigger
+
+        def bigger(old: torch.Tensor) -> torch.Tensor:
+            new = old.new_zeros((*old.shape[:2], max_length, old.shape[3]))
+            new[:, :, : old.shape[2]] = old
+            return new
+
+        # every layer grown before any is replaced: an interruption (Ctrl-C) leaves the old cache whole
+        keys, values = [bigger(k) for k in self.keys], [bigger(v) for v in self.values]
+        self.keys[:], self.values[:] = keys, values
 
     def row(self, index: int) -> KVCache:
         """An empty one-row cache whose storage is row ``index`` of this one (for filling one slot)."""
