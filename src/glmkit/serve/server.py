@@ -59,12 +59,10 @@ class ServerOptions:
 def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> FastAPI:
     """The whole HTTP server for one loaded model; every request is generated through one scheduler."""
     options = options or ServerOptions()
-    app_state: dict[str, FastAPI] = {}
-
     def worker_failed(exc: BaseException) -> None:
         # every later request would fail: stop the process so that a supervisor restarts it
         log.critical("the generation worker stopped; the server shuts down", exc_info=exc)
-        stop = getattr(app_state["app"].state, "stop_server", None)
+        stop = getattr(app.state, "stop_server", None)  # app: assigned below, before any request runs
         if stop is not None:
             stop()
 
@@ -86,7 +84,6 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
     # the OpenAPI description and its page belong to the API; glmkit web (the page alone) has neither
     docs = {} if options.api else {"docs_url": None, "openapi_url": None}
     app = FastAPI(title="glmkit", lifespan=lifespan, redoc_url=None, **docs)
-    app_state["app"] = app
     app.state.scheduler = scheduler
     app.state.on_stop = []  # what ends streams that would hold a graceful shutdown open (see _Server)
     install_error_handlers(app)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from glmkit.errors import GlmkitError
-from glmkit.train.loss import IGNORE_INDEX
+from glmkit.train.collator import DataCollator
 
 
 @dataclass(frozen=True)
@@ -55,20 +55,12 @@ class BatchPlan:
 
 
 def pad_rows(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor | None]:
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; ``attention_mask`` is None when no
-    row is padded, so the model can use plain causal (flash) attention."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    padded = bool((mask == 0).any())
+    """The data module's right padding (``DataCollator``), on ``device``; ``attention_mask`` is None when
+    no row is padded, so the model can use plain causal (flash) attention."""
+    batch = DataCollator(pad_id, attention_mask=True)(rows)
+    padded = bool((batch["attention_mask"] == 0).any())
     return {
-        "input_ids": ids.to(device),
-        "labels": labels.to(device),
-        "attention_mask": mask.to(device) if padded else None,
+        "input_ids": batch["input_ids"].to(device),
+        "labels": batch["labels"].to(device),
+        "attention_mask": batch["attention_mask"].to(device) if padded else None,
     }

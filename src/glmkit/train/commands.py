@@ -97,7 +97,7 @@ def relaunch(num_processes: int) -> int:
 def train_from_files(model_args: ModelArgs, method_args: MethodArgs, training: TrainingArgs, data_args: Any,
                      settings: list[Any]) -> None:  # fmt: skip
     """Tokenize ``training.data`` with the model's tokenizer and template, then train."""
-    from glmkit.train.data import load_examples, load_tokenizer_and_template, tokenize_examples
+    from glmkit.train.data import DataCollator, load_examples, load_tokenizer_and_template, tokenize_examples
     from glmkit.train.trainer import train
 
     if not training.data:
@@ -110,7 +110,7 @@ def train_from_files(model_args: ModelArgs, method_args: MethodArgs, training: T
             f"{len(examples.skipped)} bad rows skipped, {len(rows.stats.dropped)} dropped by the limits", err=True
         )
     evaluate_fn = _evaluator(tokenizer, template, training, data_args) if training.eval_data else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = DataCollator.for_tokenizer(tokenizer).pad_token_id
     result = train(model_args, method_args, training, rows, pad, settings_for_log=settings, evaluate_fn=evaluate_fn)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"trained {result.steps} steps; result in {result.output_dir}")

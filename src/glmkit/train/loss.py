@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from glmkit.train.layouts import IGNORE
+
 CHUNK = 4096  # positions per float32 slice
 
 
@@ -22,7 +23,7 @@ def _slice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed loss of predicting ``labels[:, t+1]`` from ``logits[:, t]`` where the label is not -100."""
     targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
+    keep = targets != IGNORE
     picked, wanted = logits[:, :-1][keep], targets[keep]
     if not picked.numel():
         return logits.sum() * 0.0  # nothing labelled: a zero that still has a graph
@@ -34,4 +35,4 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def labelled_tokens(labels: torch.Tensor) -> int:
     """How many positions ``token_loss_sum`` counts."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels[:, 1:] != IGNORE).sum())
