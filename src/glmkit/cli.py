@@ -7,7 +7,6 @@ import functools
 import inspect
 import platform
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,19 +50,10 @@ def with_options(group: type, name: str) -> Callable[[Callable[..., Any]], Calla
     """Add every field of the dataclass ``group`` to a command as ``--field-name`` (the field's type,
     default and ``metadata["help"]``), and hand the command one ``group`` instance as its ``name``
     parameter: a settings group is declared once, in its dataclass, for the CLI and for Python."""
-    hints = typing.get_type_hints(group)
+    from glmkit.train.commands import field_parameters
+
     fields = dataclasses.fields(group)
-    options = [
-        inspect.Parameter(
-            field.name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=field.default,
-            annotation=Annotated[
-                hints[field.name], typer.Option("--" + field.name.replace("_", "-"), help=field.metadata.get("help"))
-            ],
-        )
-        for field in fields
-    ]
+    options = field_parameters(group)
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != name]

@@ -23,6 +23,30 @@ def setting_groups() -> tuple[type, ...]:
     return (ModelArgs, MethodArgs, TrainingArgs, DataArgs)
 
 
+def field_parameters(group: type, unset_defaults: bool = False) -> list[inspect.Parameter]:
+    """One keyword parameter a field of the dataclass ``group``, as a typer ``--field-name`` option with
+    the field's type and ``metadata["help"]``.  ``unset_defaults``: every default is None ("not given",
+    so that a config file's value stands) and the real default is shown in the help instead."""
+    hints = typing.get_type_hints(group)
+    params = []
+    for f in fields(group):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help")
+        if not unset_defaults:
+            annotation, default = Annotated[hints[f.name], typer.Option(flag, help=help_text)], f.default
+        else:
+            base = _plain_type(hints[f.name])
+            default = f.default if f.default is not MISSING else None
+            if base is bool:
+                option = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_text or "")
+            else:
+                shown = f" [default: {default}]" if default is not None else ""
+                option = typer.Option(flag, help=(help_text or "") + shown)
+            annotation, default = Annotated[base | None, option], None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return params
+
+
 def train_parameters() -> inspect.Signature:
     """One ``--flag`` per field of every settings group (default None: "not given", so a config file's
     value stands), plus ``--config``."""
@@ -36,25 +60,11 @@ def train_parameters() -> inspect.Signature:
     ]
     seen: set[str] = set()
     for group in setting_groups():
-        hints = typing.get_type_hints(group)
-        for f in fields(group):
-            if f.name in seen:
-                raise GlmkitError(f"setting {f.name} is defined by two groups")
-            seen.add(f.name)
-            base = _plain_type(hints[f.name])
-            default = f.default if f.default is not MISSING else None
-            shown = f" [default: {default}]" if default is not None and base is not bool else ""
-            option = typer.Option(f"--{f.name.replace('_', '-')}", help=f.metadata.get("help", "") + shown)
-            if base is bool:
-                option = typer.Option(
-                    f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}",
-                    help=f.metadata.get("help", ""),
-                )
-            params.append(
-                inspect.Parameter(
-                    f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[base | None, option]
-                )
-            )
+        for param in field_parameters(group, unset_defaults=True):
+            if param.name in seen:
+                raise GlmkitError(f"setting {param.name} is defined by two groups")
+            seen.add(param.name)
+            params.append(param)
     return inspect.Signature(params)
 
 
