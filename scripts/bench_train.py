@@ -9,16 +9,19 @@ AdamW, for
 * P-Tuning v2 with 128 prefix positions (transformers side: peft prefix tuning).
 
 Reported: tokens/s (median of the timed steps after warm-up) and peak memory
-(``torch.cuda.max_memory_allocated``), as a table and as JSON.
+(``torch.cuda.max_memory_allocated``), as a table and as JSON.  The ``glmkit`` side is what
+``glmkit train`` runs on a GPU: the trainer's setup, loss and compiled layers (``compiled_layers``);
+``--eager`` adds glmkit without compiled layers (``glmkit train --no-compile``).
 
     python scripts/bench_train.py                       # one CUDA GPU, the real shape
-    python scripts/bench_train.py --compile             # also glmkit with each layer torch.compile'd
+    python scripts/bench_train.py --eager --profile     # also eager glmkit; the top GPU kernels of a step
     python scripts/bench_train.py --tiny --device cpu   # a tiny shape: checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -37,16 +40,16 @@ CHATGLM3_6B = {
 TINY = CHATGLM3_6B | {"padded_vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
                       "kv_channels": 16, "ffn_hidden_size": 128, "seq_length": 256}  # fmt: skip
 CASES = ("lora", "lora+checkpointing", "ptuning")
-SIDES = ("glmkit", "glmkit+compile", "transformers+peft")
+SIDES = ("glmkit", "glmkit eager", "transformers+peft")
 
 
 def glmkit_model(
-    cfg: dict, case: str, device: torch.device, compile_blocks: bool = False
+    cfg: dict, case: str, device: torch.device, stack: contextlib.ExitStack, compile_layers: bool = True
 ) -> tuple[torch.nn.Module, Any]:
     from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
     from glmkit.train.args import MethodArgs
     from glmkit.train.loss import token_loss_sum
-    from glmkit.train.methods import enable_gradient_checkpointing, prepare
+    from glmkit.train.methods import compiled_layers, enable_gradient_checkpointing, prepare
 
     with torch.device(device):
         model = ChatGLM2ForConditionalGeneration(ChatGLM2Config.from_dict(cfg)).to(torch.bfloat16)
@@ -56,9 +59,7 @@ def glmkit_model(
     prepare(model, Path("."), "chatglm2", method)
     if case == "lora+checkpointing":
         enable_gradient_checkpointing(model)
-    if compile_blocks:  # each decoder layer compiled once (all have the same shapes)
-        for block in model.blocks:
-            block.compile()
+    stack.enter_context(compiled_layers(model, compile_layers))  # as glmkit train does on a GPU
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
         logits = model(ids).logits
@@ -67,7 +68,9 @@ def glmkit_model(
     return model.train(), loss_fn
 
 
-def transformers_model(cfg: dict, case: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
+def transformers_model(
+    cfg: dict, case: str, device: torch.device, stack: contextlib.ExitStack
+) -> tuple[torch.nn.Module, Any]:
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import GlmConfig, GlmForCausalLM
 
@@ -105,12 +108,20 @@ def _randomize(model: torch.nn.Module) -> None:
 
 
 def measure(build, cfg: dict, case: str, args, device: torch.device) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        result = _measure(build, cfg, case, args, device, stack)
+    torch._dynamo.reset()  # compiled layers keep their module alive otherwise: memory for the next side
+    gc.collect()
+    return result
+
+
+def _measure(build, cfg: dict, case: str, args, device: torch.device, stack: contextlib.ExitStack) -> dict[str, Any]:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        model, loss_fn = build(cfg, case, device)
+        model, loss_fn = build(cfg, case, device, stack)
     except Exception as exc:  # a side that cannot run this case reports why, the rest goes on
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if device.type == "cuda":
@@ -120,30 +131,47 @@ def measure(build, cfg: dict, case: str, args, device: torch.device) -> dict[str
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, cfg["padded_vocab_size"], (args.batch, args.seq), device=device)
     times = []
+
+    def train_step() -> torch.Tensor:
+        loss = loss_fn(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
     try:
         for step in range(args.warmup + args.steps):
             _sync(device)
             start = time.perf_counter()
-            loss = loss_fn(ids)
-            loss.backward()
-            loss = loss.detach()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step()
             _sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
+        kernels = top_kernels(train_step, device) if args.profile else None
     except torch.OutOfMemoryError:
         return {"error": "CUDA out of memory"}
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    finally:
-        del model, optimizer
-        torch._dynamo.reset()  # compiled layers keep their module alive otherwise: memory for the next side
-        gc.collect()
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"tokens_per_second": args.batch * args.seq / median, "step_seconds": median, "peak_memory_gib": peak,
-            "loss": loss.item()}  # fmt: skip
+            "loss": loss.item(), **({"top_kernels": kernels} if kernels else {})}  # fmt: skip
+
+
+def top_kernels(train_step, device: torch.device, count: int = 12) -> list[dict[str, Any]] | None:
+    """The GPU kernels that take most of one training step, with their share of its device time."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_step()
+        torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) or 1
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1000, 2), "calls": e.count,
+             "share": round(e.self_device_time_total / total, 3)} for e in events[:count]]  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -161,7 +189,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--output", type=Path, default=Path("bench_train.json"))
-    parser.add_argument("--compile", action="store_true", help="also glmkit with torch.compile on each layer")
+    parser.add_argument("--eager", action="store_true", help="also glmkit without compiled layers")
+    parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of one step per side")
     args = parser.parse_args()
     if args.tiny:
         args.seq = min(args.seq, 64)
@@ -175,10 +204,10 @@ def main() -> None:
             "glmkit": measure(glmkit_model, cfg, case, args, device),
             "transformers+peft": measure(transformers_model, cfg, case, args, device),
         }
-        if args.compile:
-            row["glmkit+compile"] = measure(partial(glmkit_model, compile_blocks=True), cfg, case, args, device)
+        if args.eager:
+            row["glmkit eager"] = measure(partial(glmkit_model, compile_layers=False), cfg, case, args, device)
         theirs = row["transformers+peft"].get("tokens_per_second")
-        for side in ("glmkit", "glmkit+compile"):
+        for side in ("glmkit", "glmkit eager"):
             if theirs and "tokens_per_second" in row.get(side, {}):
                 row[side]["speedup_vs_transformers"] = row[side]["tokens_per_second"] / theirs
         results["cases"][case] = row
@@ -201,6 +230,8 @@ def print_table(results: dict[str, Any]) -> None:
             speedup = r.get("speedup_vs_transformers")
             note = f"{speedup:.2f}x transformers+peft" if speedup else ""
             print(f"{case:<20} {side:<18} {r['tokens_per_second']:>10.0f} {peak:>9}  {note}")
+            for k in r.get("top_kernels", []):
+                print(f"{'':<20}   {k['share']:>6.1%} {k['ms']:>8.2f} ms x{k['calls']:<5} {k['kernel']}")
 
 
 if __name__ == "__main__":

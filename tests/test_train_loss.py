@@ -9,7 +9,7 @@ from glmkit.train import loss
 
 
 def test_sliced_loss_equals_plain_cross_entropy(monkeypatch):
-    monkeypatch.setattr(loss, "CHUNK", 3)  # several slices
+    monkeypatch.setattr(loss, "SLICE_BYTES", 3 * 4 * 11)  # slices of 3 positions
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=generator, dtype=torch.bfloat16).requires_grad_(True)
     labels = torch.randint(0, 11, (2, 6), generator=generator)

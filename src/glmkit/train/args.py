@@ -95,6 +95,13 @@ class TrainingArgs:
     gradient_checkpointing: bool | None = field(
         default=None, metadata=_help("Recompute activations in the backward pass; default: on for full, else off.")
     )
+    compile: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Compile each decoder layer with torch.compile (faster steps after a warm-up of a minute or two); "
+            "default: on for CUDA except sharded (FSDP, DeepSpeed) runs, else off."
+        ),
+    )
     seed: int = field(default=42, metadata=_help("Seed of the initialisation, dropout and data order."))
     precision: str = field(
         default="auto", metadata=_help("bf16, fp16, fp32 or auto (bf16 or fp16 on CUDA, else fp32).")

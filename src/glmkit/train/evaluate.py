@@ -59,7 +59,9 @@ def generate_all(
         else:  # an error, or the end of a stream that had no last chunk
             finished.put((i, item))
 
-    scheduler = Scheduler(chat_model.engine, max_active=batch_size, max_queue=len(prompts))
+    # rows no longer than these requests need: the cache is sized once, for the longest
+    sized = {"max_sequence_length": max(map(len, prompts)) + config.max_new_tokens} if config.max_new_tokens else {}
+    scheduler = Scheduler(chat_model.engine, max_active=batch_size, max_queue=len(prompts), **sized)
     try:
         for i, prompt in enumerate(prompts):
             scheduler.submit(prompt, config, lambda item, i=i: deliver(i, item))

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from glmkit.train.layouts import IGNORE
 
-CHUNK = 4096  # positions per float32 slice
+SLICE_BYTES = 1 << 28  # float32 logits per slice: 256 MiB (1032 positions of a 65024-entry vocabulary)
 
 
 def _slice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,8 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return logits.sum() * 0.0  # nothing labelled: a zero that still has a graph
     if not picked.requires_grad:
         return _slice_loss(picked, wanted)
-    slices = zip(picked.split(CHUNK), wanted.split(CHUNK), strict=True)
+    positions = max(1, SLICE_BYTES // (4 * picked.shape[-1]))
+    slices = zip(picked.split(positions), wanted.split(positions), strict=True)
     return sum(checkpoint(_slice_loss, rows, ids, use_reentrant=False) for rows, ids in slices)
 
 

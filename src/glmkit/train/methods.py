@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -169,6 +171,22 @@ def enable_gradient_checkpointing(network: nn.Module) -> None:
     if not hasattr(inner, "gradient_checkpointing_enable"):
         raise GlmkitError("this model does not support gradient checkpointing")
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextmanager
+def compiled_layers(network: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Each decoder layer's forward compiled with torch.compile inside the block, the plain forward back
+    after it (so generation afterwards runs the engine's own compiled step).  Layers, not the whole model:
+    they share one graph, so the compile cost is one layer's, and the loss, peft's wrapper and the
+    prefix encoder stay outside it."""
+    layers = list(decoder_layers(network)) if enabled else []
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute goes; the class's forward shows through again
 
 
 def count_parameters(network: nn.Module) -> tuple[int, int]:

@@ -29,7 +29,13 @@ from glmkit.train import checkpoints
 from glmkit.train.args import MethodArgs, ModelArgs, TrainingArgs
 from glmkit.train.batching import BatchPlan, pad_rows
 from glmkit.train.loss import labelled_tokens, token_loss_sum
-from glmkit.train.methods import Prepared, count_parameters, enable_gradient_checkpointing, prepare
+from glmkit.train.methods import (
+    Prepared,
+    compiled_layers,
+    count_parameters,
+    enable_gradient_checkpointing,
+    prepare,
+)
 from glmkit.train.run_log import TrainerLog, plot_loss, write_run_file
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -183,34 +189,39 @@ def train(
     loop = _Loop(accelerator, model, optimizer, scheduler, prepared, plan, rows, label_counts, pad_token_id, training)
     from tqdm.auto import tqdm
 
+    compile_layers = _compiles(training, accelerator)
+    if compile_layers and accelerator.is_main_process:
+        print("compiling the decoder layers: the first steps are slow (--no-compile turns this off)", flush=True)
     bar = tqdm(total=max_steps, initial=start, disable=not accelerator.is_main_process, desc="training", unit="step")
     window: list[float] = []
     tokens, started = 0, time.perf_counter()
     try:
-        for step in range(start, max_steps):
-            lr = scheduler.get_last_lr()[0]
-            loss, step_tokens = loop.step(step)
-            result.losses.append(loss)
-            window.append(loss)
-            tokens += step_tokens
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if log is not None and (done % training.logging_steps == 0 or done == max_steps):
-                elapsed = time.perf_counter() - started
-                log.write({"step": done, "epoch": round(done / plan.steps_per_epoch, 4),
-                           "loss": sum(window) / len(window), "learning_rate": lr,
-                           "tokens_per_second": round(tokens / elapsed, 1)})  # fmt: skip
-                window, tokens, started = [], 0, time.perf_counter()
-            if training.save_steps and done % training.save_steps == 0 and done < max_steps:
-                checkpoints.write_checkpoint(
-                    output_dir, done, lambda d: prepared.save(d, False), trainer_state, optimizer, scheduler, rank,
-                    accelerator.wait_for_everyone,
-                )  # fmt: skip
-                if accelerator.is_main_process:
-                    checkpoints.prune(output_dir, training.save_total_limit)
-            if evaluate_fn is not None and training.eval_steps and done % training.eval_steps == 0 and done < max_steps:
-                _evaluate(evaluate_fn, network, done, log, accelerator)
+        with compiled_layers(network, compile_layers):
+            for step in range(start, max_steps):
+                lr = scheduler.get_last_lr()[0]
+                loss, step_tokens = loop.step(step)
+                result.losses.append(loss)
+                window.append(loss)
+                tokens += step_tokens
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if log is not None and (done % training.logging_steps == 0 or done == max_steps):
+                    elapsed = time.perf_counter() - started
+                    log.write({"step": done, "epoch": round(done / plan.steps_per_epoch, 4),
+                               "loss": sum(window) / len(window), "learning_rate": lr,
+                               "tokens_per_second": round(tokens / elapsed, 1),
+                               **_peak_memory(accelerator.device)})  # fmt: skip
+                    window, tokens, started = [], 0, time.perf_counter()
+                if _due(training.save_steps, done, max_steps):
+                    checkpoints.write_checkpoint(
+                        output_dir, done, lambda d: prepared.save(d, False), trainer_state, optimizer, scheduler, rank,
+                        accelerator.wait_for_everyone,
+                    )  # fmt: skip
+                    if accelerator.is_main_process:
+                        checkpoints.prune(output_dir, training.save_total_limit)
+                if evaluate_fn is not None and _due(training.eval_steps, done, max_steps):
+                    _evaluate(evaluate_fn, network, done, log, accelerator, compiled=compile_layers)
     except torch.OutOfMemoryError as exc:
         raise GlmkitError(
             f"CUDA out of memory ({str(exc).splitlines()[0]}). Lower --batch-size (raise "
@@ -231,11 +242,38 @@ def train(
     return result
 
 
-def _evaluate(evaluate_fn: Any, network: torch.nn.Module, step: int, log: TrainerLog | None, accelerator) -> None:
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The log's ``peak_memory_gib`` on a GPU: the most this process's tensors have held so far."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
+
+def _due(every: int, done: int, max_steps: int) -> bool:
+    """Whether a periodic save or evaluation falls after step ``done`` (the end has its own)."""
+    return bool(every) and done % every == 0 and done < max_steps
+
+
+def _compiles(training: TrainingArgs, accelerator) -> bool:
+    """``--compile``, else on for CUDA, except for sharded runs (FSDP, DeepSpeed), where compiled layers
+    have not been verified."""
+    from accelerate.utils import DistributedType
+
+    if training.compile is not None:
+        return training.compile
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return accelerator.device.type == "cuda" and not sharded
+
+
+def _evaluate(
+    evaluate_fn: Any, network: torch.nn.Module, step: int, log: TrainerLog | None, accelerator, compiled: bool = False
+) -> None:
     if accelerator.is_main_process:
         was_training = network.training
         network.eval()
-        metrics = evaluate_fn(network, step)
+        # compiled training layers would recompile for every decoding shape: evaluate them eagerly
+        with torch.compiler.set_stance("force_eager") if compiled else nullcontext():
+            metrics = evaluate_fn(network, step)
         network.train(was_training)
         log.write({"step": step, "eval": metrics})
     accelerator.wait_for_everyone()
