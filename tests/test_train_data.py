@@ -16,6 +16,7 @@ from conftest import ADGEN, V1_DIR, V3_DIR, load_expected, needs_conformance, ne
 from glmkit.errors import GlmkitError
 from glmkit.templates import get_template
 from glmkit.train.data import DataArgs, DataCollator, Example, load_examples, tokenize_examples
+from glmkit.train.layouts import encode_example
 
 V1 = load_expected(V1_DIR)
 V3 = load_expected(V3_DIR)
@@ -371,6 +372,9 @@ def test_hf_layout_prompts_are_what_chat_builds(demo_tokenizer):
     # each reply is trained through its end-of-turn token (the model's eos), nothing else is
     assert [tokenizer.decode(span) for span in spans] == ["Hello!<|im_end|>", "Paris.<|im_end|>"]
     assert tokenizer.eos_token == "<|im_end|>"
+    # evaluation asks with the prompt before the last reply, as chat would
+    encoded = encode_example(Example(messages), tokenizer, template, DataArgs(max_seq_length=512))
+    assert encoded.prompt_ids == template.build_input_ids(tokenizer, messages[:4])
 
 
 # -- collator --------------------------------------------------------------------------------------

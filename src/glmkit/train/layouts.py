@@ -105,6 +105,8 @@ def _conversation(example: Example, tokenizer: Any, template: Any, args: DataArg
     input_ids = [token for ids, _ in segments for token in ids]
     labels = [token if trained else IGNORE for ids, trained in segments for token in ids]
     last = max(i for i, (ids, trained) in enumerate(segments) if trained and ids)
+    while last and segments[last - 1][1]:  # the last reply and the token that ends it: one trained run
+        last -= 1
     prompt = [token for ids, _ in segments[:last] for token in ids]
     limit = args.sequence_limit
     return Encoded(input_ids[:limit], labels[:limit], prompt, len(input_ids) > limit)
