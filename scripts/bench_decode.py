@@ -14,6 +14,7 @@ shape on the CPU, so that the script itself is testable without a GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -100,11 +101,23 @@ class CharTokenizer:
         return "".join(chr(0x4E00 + i % 20000) for i in ids)
 
 
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def gaps_ms(stamps: list[float]) -> list[float]:
+    return [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)]
+
+
 def streams(model, count: int, prompt_len: int, new: int, vocab: int) -> dict:
     """``count`` requests submitted at once; aggregate tok/s over the wall time, and over the decode phase
-    (from the moment every request has its first token)."""
+    (from the moment every request has its first token); p50/p99 of the gaps between a stream's tokens;
+    the KV cache the scheduler fixed at start and the peak memory."""
     engine = Engine(model, CharTokenizer())
     scheduler = Scheduler(engine, max_active=count, max_queue=count)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     config = GenerationConfig(do_sample=False, max_new_tokens=new)
     try:
         for length, budget in ((prompt_len, 8), (prompt_len, new)):  # the first is a warm-up
@@ -114,7 +127,7 @@ def streams(model, count: int, prompt_len: int, new: int, vocab: int) -> dict:
             for i, inbox in enumerate(inboxes):  # items are stamped when the worker delivers them
                 scheduler.submit(prompt(length, vocab, 100 + i), config.updated(max_new_tokens=budget),
                                  lambda item, inbox=inbox: inbox.put((time.perf_counter(), item)))  # fmt: skip
-            firsts, produced, end = [], 0, start
+            firsts, produced, end, gaps = [], 0, start, []
             for inbox in inboxes:
                 stamps = []
                 while True:
@@ -127,7 +140,9 @@ def streams(model, count: int, prompt_len: int, new: int, vocab: int) -> dict:
                         break
                 firsts.append(stamps[0])
                 end = max(end, stamps[-1])
+                gaps += gaps_ms(stamps)
             wall = end - start
+        budget = scheduler.cache_budget_bytes
     finally:
         scheduler.close()
     all_started = max(firsts) - start
@@ -138,7 +153,46 @@ def streams(model, count: int, prompt_len: int, new: int, vocab: int) -> dict:
         "tok_s": round(produced / wall, 1),
         "decode_tok_s": round((produced - count) / (wall - all_started), 1),
         "last_first_token_s": round(all_started, 3),
+        "itl_p50_ms": round(percentile(gaps, 0.5), 2),
+        "itl_p99_ms": round(percentile(gaps, 0.99), 2),
+        "kv_cache_gib": round(budget / GiB, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if torch.cuda.is_available() else None,
     }
+
+
+def ttft_under_load(model, others: int, length: int, prompt_len: int, vocab: int, chunk: int) -> dict:
+    """A ``length``-token prompt arriving while ``others`` streams decode: its time to first token, and
+    the p99 gap between the running streams' tokens in the second before it and while it is prefilled."""
+    engine = Engine(model, CharTokenizer())
+    scheduler = Scheduler(engine, max_active=others + 1, max_queue=others + 1, prefill_chunk=chunk)
+    config = GenerationConfig(do_sample=False, max_new_tokens=2048)  # longer than the measurement
+    stamps: list[list[float]] = [[] for _ in range(others)]
+    try:
+        handles = [
+            scheduler.submit(
+                prompt(prompt_len, vocab, 200 + i), config, lambda item, i=i: stamps[i].append(time.perf_counter())
+            )
+            for i in range(others)
+        ]
+        while min(len(s) for s in stamps) < 20:  # all decoding, graphs captured
+            time.sleep(0.05)
+        time.sleep(1.0)
+        arrived = time.perf_counter()
+        inbox: queue.Queue = queue.Queue()
+        scheduler.submit(prompt(length, vocab, 300), config.updated(max_new_tokens=4),
+                         lambda item: inbox.put(time.perf_counter()))  # fmt: skip
+        first = inbox.get(timeout=120)
+        time.sleep(0.2)
+        for handle in handles:
+            handle.cancel()
+    finally:
+        scheduler.close()
+    before = [g for s in stamps for g in gaps_ms([t for t in s if arrived - 1.0 <= t < arrived])]
+    during = [g for s in stamps for g in gaps_ms([t for t in s if arrived - 0.05 <= t <= first + 0.05])]
+    return {"others": others, "prompt_tokens": length, "prefill_chunk": chunk,
+            "ttft_ms": round((first - arrived) * 1e3, 1),
+            "others_itl_p99_ms_before": round(percentile(before, 0.99), 2),
+            "others_itl_p99_ms_during": round(percentile(during, 0.99), 2) if during else None}  # fmt: skip
 
 
 def ttft(model, length: int, vocab: int, repeats: int) -> dict:
@@ -291,8 +345,19 @@ def table(report: dict) -> str:
     for result in report.get("streams", []):
         row(f"{result['streams']} streams, scheduler, wall", result["tok_s"])
         row(f"{result['streams']} streams, scheduler, decode phase", result["decode_tok_s"])
+        row(f"{result['streams']} streams, inter-token p50 / p99",
+            f"{result['itl_p50_ms']} / {result['itl_p99_ms']}", "ms", False)  # fmt: skip
+        if result.get("peak_gib"):
+            row(f"{result['streams']} streams, KV cache fixed at start / peak memory",
+                f"{result['kv_cache_gib']} / {result['peak_gib']}", "GiB", False)  # fmt: skip
     if "ttft" in report:
         row(f"time to first token, {report['ttft']['prompt_tokens']}-token prompt", report["ttft"]["ms"], "ms", False)
+    for result in report.get("ttft_under_load", []):
+        name = (f"{result['prompt_tokens']}-token prompt while {result['others']} streams decode "
+                f"(chunk {result['prefill_chunk']})")  # fmt: skip
+        row(f"time to first token, {name}", result["ttft_ms"], "ms", False)
+        row(f"their inter-token p99 before / during, {name}",
+            f"{result['others_itl_p99_ms_before']} / {result['others_itl_p99_ms_during']}", "ms", False)  # fmt: skip
     for name, ms in report.get("step_only_ms", {}).items():
         row(f"decode step alone, {name} (graph replay)", round(ms, 2), "ms", False)
     for rows, ms in report.get("linears_floor_ms", {}).items():
@@ -307,7 +372,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small shape on the CPU")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--modes", default="eager,graphs,compiled")
-    parser.add_argument("--streams", default="8,64")
+    parser.add_argument("--streams", default="1,8,32,64,256")
+    parser.add_argument("--prefill-chunks", default="512", help="chunks of the TTFT-under-load runs ('': none)")
     parser.add_argument("--step-modes", default="graphs,compiled", help="modes of the step-alone timings ('': none)")
     parser.add_argument("--skip-floor", action="store_true", help="skip the linears-only floor")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_decode.json")
@@ -366,6 +432,9 @@ def main() -> None:
         report["streams"].append(streams(model, count, prompt_len, new, vocab))
         save(f"{count} streams")
     report["ttft"] = ttft(model, 64 if args.tiny else 1024, vocab, repeats)
+    others, long = (3, 64) if args.tiny else (63, 1024)
+    report["ttft_under_load"] = [ttft_under_load(model, others, long, prompt_len, vocab, int(chunk))
+                                 for chunk in args.prefill_chunks.split(",") if chunk]  # fmt: skip
     if device.type == "cuda":
         report["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
     save("ttft")

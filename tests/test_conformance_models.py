@@ -448,6 +448,28 @@ def test_ptuning_prefix_is_past_keys_values_in_the_official_layout(models, famil
     assert not torch.allclose(got, forward(base, ids), atol=1e-2)
 
 
+@pytest.mark.parametrize("pre_seq_len", [0, 3])
+def test_keys_before_the_queries_attend_as_one_token_at_a_time(tmp_path, pre_seq_len):
+    """Queries after a prefix or a cache run without a mask (queries padded in front, while at most as
+    many keys lie before them) or with one (more): both as when each token runs alone, where one query
+    needs no mask at all."""
+    tuned = ChatGLM2ForConditionalGeneration.from_pretrained(
+        CHECKPOINT["v3"],
+        ptuning_checkpoint=write_ptuning_dir(tmp_path, prefix_tensors("v3", pre_seq_len, False), False)
+        if pre_seq_len
+        else None,
+    )
+    ids = torch.tensor(case_of("v3", "chat_input_system_2round_history")["input_ids"][0])[None, :12]
+    cache = tuned.new_cache(1, ids.shape[1])
+    alone = torch.cat([forward(tuned, ids[:, i : i + 1], cache=cache) for i in range(ids.shape[1])], dim=1)
+    tolerance = {"atol": TOLERANCE["v3"], "rtol": TOLERANCE["v3"]}  # summation order differs
+    torch.testing.assert_close(forward(tuned, ids), alone, **tolerance)
+    for split in (4, 9):  # the second chunk after fewer keys than its length, then after more
+        cache = tuned.new_cache(1, ids.shape[1])
+        chunks = [forward(tuned, ids[:, :split], cache=cache), forward(tuned, ids[:, split:], cache=cache)]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), alone, **tolerance)
+
+
 @pytest.mark.parametrize("family", ["v1", "v3"])
 def test_ptuning_with_projection_official_checkpoint(models, family, tmp_path):
     tensors = prefix_tensors(family, 4, projection=True)

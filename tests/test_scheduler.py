@@ -148,22 +148,23 @@ def test_interleaved_mode_for_models_without_row_decoding(tiny_llama):
     assert together == [engine.generate(p, config).text for p in prompts]
 
 
-def test_cache_rows_grow_while_requests_run(demo_chat, demo_engine):
+def test_cache_is_sized_at_start_and_never_copied(demo_chat, demo_engine):
     short = GenerationConfig(do_sample=False, max_new_tokens=30)
     longer = GenerationConfig(do_sample=False, max_new_tokens=60)
     first = prompt(demo_chat, "What is the capital of France?")
     second = prompt(demo_chat, "Describe the water cycle in a few sentences. " * 3)
-    scheduler = Scheduler(demo_engine, max_active=2)
+    scheduler = Scheduler(demo_engine, max_active=2, max_sequence_length=512)
     try:
+        budget = scheduler.cache_budget_bytes  # known before any request
+        assert budget > 0 and scheduler.cache_bytes == 0
         inbox: queue.Queue = queue.Queue()
         scheduler.submit(first, short, inbox.put)
-        inbox.get(timeout=60)  # the first request holds a row sized for itself
-        size = scheduler._cache.max_length
-        assert size == len(first) + 30
-        text_second, _ = collect(scheduler, second, longer)
-        assert scheduler._cache.max_length >= len(second) + 60 > size
+        inbox.get(timeout=60)
+        assert scheduler.cache_bytes == budget
+        text_second, _ = collect(scheduler, second, longer)  # a longer request beside the first
+        assert scheduler.cache_bytes == budget
         text_first = ""
-        while True:  # the rest of the first request, decoded across the growth
+        while True:
             item = inbox.get(timeout=60)
             text_first += item.text
             if item.finish_reason:
@@ -172,3 +173,51 @@ def test_cache_rows_grow_while_requests_run(demo_chat, demo_engine):
         scheduler.close()
     assert text_second == demo_engine.generate(second, longer).text
     assert demo_engine.generate(first, short).text.endswith(text_first)
+
+
+def test_memory_budget_bounds_the_rows(demo_chat, demo_engine):
+    row = demo_engine.model.new_cache(1, 256).nbytes
+    scheduler = Scheduler(demo_engine, max_active=4, max_sequence_length=256, kv_cache_bytes=2 * row + row // 2)
+    config = GenerationConfig(do_sample=False, max_new_tokens=12)
+    prompts = [prompt(demo_chat, q) for q in QUESTIONS[:4]]
+    try:
+        assert scheduler.max_active == 2  # two rows fit; the other requests wait their turn
+        together = run_concurrently(scheduler, [(p, config) for p in prompts])
+        assert scheduler.cache_bytes == scheduler.cache_budget_bytes == 2 * row
+    finally:
+        scheduler.close()
+    assert together == [demo_engine.generate(p, config).text for p in prompts]
+    with pytest.raises(GlmkitError, match="holds no request of 256 tokens"):
+        Scheduler(demo_engine, max_sequence_length=256, kv_cache_bytes=row - 1)
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(demo_chat, demo_engine):
+    running = GenerationConfig(do_sample=False, max_new_tokens=40)
+    newcomer = GenerationConfig(do_sample=False, max_new_tokens=8)
+    first = prompt(demo_chat, "Count from one to fifty in words.")
+    long = prompt(demo_chat, "Summarise the history of the printing press in Europe. " * 4)
+    assert len(long) > 64
+    scheduler = Scheduler(demo_engine, max_active=2, max_sequence_length=512, prefill_chunk=8)
+    events: list[tuple[str, object]] = []
+    arrived, ended = threading.Event(), threading.Event()
+
+    def on_first(item):
+        events.append(("first", item))
+        arrived.set()
+        if item is None or isinstance(item, BaseException) or item.finish_reason:
+            ended.set()
+
+    try:
+        scheduler.submit(first, running, on_first)
+        assert arrived.wait(60)
+        text_long, _ = collect(scheduler, long, newcomer)
+        events.append(("long done", None))
+        assert ended.wait(120)
+    finally:
+        scheduler.close()
+    # about len(long) / 8 chunks, each followed by a decode step of the running request
+    between = events.index(("long done", None))
+    assert sum(1 for name, _ in events[1:between] if name == "first") >= len(long) // 8 - 2
+    assert text_long == demo_engine.generate(long, newcomer).text
+    text_first = "".join(item.text for name, item in events if name == "first" and item is not None)
+    assert text_first == demo_engine.generate(first, running).text

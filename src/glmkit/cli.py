@@ -31,6 +31,17 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
 MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
+KvCacheGbOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.001,
+        help="GiB for the KV cache, fixed at start (it holds up to --max-active requests of --max-model-len "
+        "tokens); default: 80% of the GPU memory free after loading, 2 GiB on a CPU.",
+    ),
+]
+PrefillChunkOption = Annotated[
+    int, typer.Option(min=1, help="Prompt tokens prefilled between two decode steps while others stream.")
+]
 CorsOption = Annotated[
     list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); none by default.")
 ]
@@ -199,6 +210,8 @@ def serve(
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Write prompt text to the access log.")] = False,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
+    kv_cache_gb: KvCacheGbOption = None,
+    prefill_chunk: PrefillChunkOption = 512,
     max_model_len: Annotated[
         int, typer.Option(min=2, help="Most tokens of prompt and reply in one request (capped by the model's own).")
     ] = 4096,
@@ -231,6 +244,8 @@ def serve(
             log_prompts=log_prompts,
             max_active=max_active,
             max_queue=max_queue,
+            kv_cache_gb=kv_cache_gb,
+            prefill_chunk=prefill_chunk,
             max_model_len=max_model_len,
             shutdown_grace_seconds=shutdown_grace,
         ),
@@ -245,6 +260,7 @@ def web(
     cors: CorsOption = None,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
+    kv_cache_gb: KvCacheGbOption = None,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     adapter: AdapterOption = None,
@@ -269,6 +285,7 @@ def web(
         api=False,
         max_active=max_active,
         max_queue=max_queue,
+        kv_cache_gb=kv_cache_gb,
     )
     run_server(chat_model, options)
 

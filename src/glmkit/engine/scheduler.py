@@ -6,19 +6,27 @@ step and frees its place.  Past ``max_active + max_queue`` requests, ``QueueFull
 server can answer 429 instead of queueing without bound.
 
 Models with ``decode_rows`` (``models/llama.py``, ``models/chatglm2.py``) decode all active requests as one batch: each
-request owns a row of one preallocated KV cache and sits at its own position, and every step is the
-engine's ``DecodeStep`` (a replayed CUDA graph per batch-size bucket on CUDA) followed by one batched
-draw of the ``Sampler`` and one host sync.  Other models get the same interface with requests advanced
-in turn, one step each.
+request owns a row of one KV cache and sits at its own position, and every step is the engine's
+``DecodeStep`` (a replayed CUDA graph per batch-size bucket on CUDA) followed by one batched draw of the
+``Sampler`` and one host sync.  Other models get the same interface with requests advanced in turn, one
+step each.
+
+The batch cache's size is fixed when the scheduler starts: rows of ``context_length`` positions, as
+many as ``max_active`` asks and the memory budget (``kv_cache_bytes``) holds (``max_active`` is lowered
+to that).  It is allocated at the first request and given back when idle, never grown or copied.  A new
+request's prompt is prefilled into its row ``prefill_chunk`` tokens at a time between decode steps, so
+a long prompt holds the running streams up by one chunk at most (alone, it is prefilled at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,8 +34,11 @@ from glmkit.engine.config import GenerationConfig
 from glmkit.engine.generate import Engine
 from glmkit.engine.reply import Chunk, ReplyBuilder
 from glmkit.engine.sampling import Sampler
-from glmkit.engine.step import DecodeStep
+from glmkit.engine.step import DecodeStep, window_for
 from glmkit.errors import GlmkitError
+from glmkit.models.base import KVCache
+
+logger = logging.getLogger(__name__)
 
 # what a request's callback receives: a chunk, an error, or None once the stream has ended
 Delivery = Callable[[Chunk | BaseException | None], None]
@@ -43,6 +54,10 @@ class SchedulerClosed(GlmkitError):
 
 # an idle scheduler gives its batch cache back after this long, so a burst does not hold memory for good
 IDLE_RELEASE_SECONDS = 30.0
+DEFAULT_PREFILL_CHUNK = 512
+# without --kv-cache-gb: this share of the GPU memory free after loading, or this much elsewhere
+DEFAULT_GPU_CACHE_SHARE = 0.8
+DEFAULT_HOST_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass(eq=False)  # a request is itself, never equal to another by its fields
@@ -74,6 +89,42 @@ class _Row:
     slot: int
     length: int  # positions of the row filled so far
     last_token: int
+    limit: int  # the most positions the request can fill: prompt + token budget
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A request whose prompt is going into row ``slot``, a chunk at a time (batched mode)."""
+
+    handle: RequestHandle
+    reply: ReplyBuilder
+    slot: int
+    cache: KVCache  # the row, as a one-row cache that keeps its length between chunks
+    done: int = 0  # prompt tokens in the cache so far
+
+    @property
+    def limit(self) -> int:
+        return len(self.handle.prompt_ids) + self.reply.budget
+
+
+def cache_rows(model: Any, wanted: int, context_length: int, budget_bytes: int | None) -> int:
+    """How many rows of ``context_length`` positions the batch cache gets: ``wanted``, or as many as
+    ``budget_bytes`` holds (default: ``DEFAULT_GPU_CACHE_SHARE`` of the free GPU memory, or
+    ``DEFAULT_HOST_CACHE_BYTES`` on a CPU or MPS)."""
+    row_bytes = model.new_cache(1, 1).nbytes * context_length
+    if budget_bytes is None:
+        device = model.device
+        if device.type == "cuda":
+            budget_bytes = int(DEFAULT_GPU_CACHE_SHARE * torch.cuda.mem_get_info(device)[0])
+        else:
+            budget_bytes = DEFAULT_HOST_CACHE_BYTES
+    rows = min(wanted, budget_bytes // row_bytes)
+    if rows < 1:
+        raise GlmkitError(
+            f"a KV cache of {budget_bytes / 2**30:.2f} GiB holds no request of {context_length} tokens "
+            f"({row_bytes / 2**30:.2f} GiB each): raise --kv-cache-gb or lower --max-model-len"
+        )
+    return rows
 
 
 class Scheduler:
@@ -85,20 +136,34 @@ class Scheduler:
         max_sequence_length: int = 4096,
         on_failure: Callable[[BaseException], None] | None = None,
         idle_release_seconds: float = IDLE_RELEASE_SECONDS,
+        kv_cache_bytes: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
+        if prefill_chunk < 1:
+            raise GlmkitError(f"prefill_chunk must be at least 1, not {prefill_chunk}")
         self.engine = engine
-        self.max_active = max_active
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.batched = hasattr(engine.model, "decode_rows")
         #: the longest prompt + reply one request may have (a row of the batch cache holds this many)
         self.context_length = min(engine.model.context_length, max_sequence_length)
-        self._cache = None  # allocated at the first batched request, lengthened as requests need
+        #: requests decoding at once; in batched mode the rows of the batch cache
+        self.max_active = (
+            cache_rows(engine.model, max_active, self.context_length, kv_cache_bytes) if self.batched else max_active
+        )
+        if self.batched and self.max_active < max_active:
+            logger.warning(
+                "glmkit: the KV cache holds %d requests of %d tokens at once (of %d asked for); the rest wait",
+                self.max_active, self.context_length, max_active,
+            )  # fmt: skip
+        self._cache: KVCache | None = None  # allocated at the first batched request, given back when idle
         self._step: DecodeStep | None = None  # the decode step and sampling state over its rows
         self._sampler: Sampler | None = None
         self._in_flight: tuple[list[_Row], torch.Tensor] | None = None  # rows and logits of a launched step
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[RequestHandle] = []
         self._rows: list[_Row] = []
+        self._prefilling: deque[_Prefill] = deque()
         self._wakeup = threading.Condition()
         self._closed = False
         #: what stopped the worker, if anything did; then every request is refused
@@ -117,6 +182,13 @@ class Scheduler:
     def cache_bytes(self) -> int:
         """Memory held by the batch KV cache now (0 once an idle scheduler has given it back)."""
         return getattr(self._cache, "nbytes", 0)
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        """What the batch KV cache holds once allocated: known from the start, the same at every request."""
+        if not self.batched:
+            return 0
+        return self.engine.model.new_cache(1, 1).nbytes * self.context_length * self.max_active
 
     @property
     def load(self) -> tuple[int, int]:
@@ -206,6 +278,7 @@ class Scheduler:
                 handle.stream.close()
             handle.send(exc)
         self._rows = []
+        self._prefilling.clear()
         self._release_cache()
 
     def _release_cache(self) -> None:
@@ -260,8 +333,9 @@ class Scheduler:
         finished: list[_Row] = []
         sampled = self._sample_in_flight(finished)
         for handle in admitted:
-            row = self._prefill(handle)
-            if row is not None and self._emit(row):
+            self._start_prefill(handle)
+        for row in self._prefill_chunks():
+            if self._emit(row):
                 finished.append(row)
         finished += [r for r in self._rows if r.handle.cancelled.is_set() and r not in finished]
         self._launch([r for r in self._rows if r not in finished])
@@ -286,10 +360,13 @@ class Scheduler:
         requests take the lowest free row)."""
         if not rows:
             return
-        assert self._step is not None
+        assert self._step is not None and self._cache is not None
         n = max(r.slot for r in rows) + 1
+        # the window holds every row's longest request, those being prefilled too: what the step writes
+        # for their idle rows then lands past their prompts (see DecodeStep)
+        longest = max(r.limit for r in [*rows, *self._prefilling])
         try:
-            self._in_flight = (rows, self._step.run(n))
+            self._in_flight = (rows, self._step.run(n, window_for(longest, self._cache.max_length)))
         except Exception as exc:
             self._fail_rows(rows, exc, [])
 
@@ -317,35 +394,63 @@ class Scheduler:
                 row.reply.done = True
                 finished.append(row)
 
-    def _prefill(self, handle: RequestHandle) -> _Row | None:
-        """Run a new request's prompt into a free row and sample its first token."""
+    def _start_prefill(self, handle: RequestHandle) -> None:
+        """Give a new request a free row; its prompt goes in by ``_prefill_chunks``."""
         model = self.engine.model
         try:
             reply = self.engine.new_reply(len(handle.prompt_ids), handle.config, self.context_length)
-            # rows grow to what requests need (doubling), not to the whole window: memory follows use
-            needed = len(handle.prompt_ids) + reply.budget
             if self._cache is None:
-                self._cache = model.new_cache(self.max_active, needed)
+                self._cache = model.new_cache(self.max_active, self.context_length)
                 self._step = DecodeStep(model, self._cache)
                 self._sampler = Sampler(self.max_active, model.device)
-            elif self._cache.max_length < needed:
-                self._cache.grow(min(self.context_length, max(needed, 2 * self._cache.max_length)))
-            assert self._step is not None and self._sampler is not None
-            used = {r.slot for r in self._rows}
+            assert self._step is not None
+            used = {r.slot for r in self._rows} | {p.slot for p in self._prefilling}
             slot = next(i for i in range(self.max_active) if i not in used)
-            prompt = torch.tensor([handle.prompt_ids], device=model.device)
-            logits = model(prompt, cache=self._cache.row(slot), last_only=True).logits[:, -1]
-            self._sampler.assign(slot, handle.config, handle.prompt_ids)
-            token = self._sampler.sample(logits, slice(slot, slot + 1))
-            self._step.place(slot, token[0], len(handle.prompt_ids))
-            first = int(token)
+            # while the row is prefilled, decode steps write its idle slot past the prompt (see _launch)
+            self._step.place(slot, 0, len(handle.prompt_ids))
         except Exception as exc:  # this request fails alone
             handle.send(exc)
             self._retire([handle])
-            return None
-        row = _Row(handle, reply, slot, len(handle.prompt_ids), first)
-        self._rows.append(row)
-        return row
+            return
+        self._prefilling.append(_Prefill(handle, reply, slot, self._cache.row(slot)))
+
+    def _prefill_chunks(self) -> list[_Row]:
+        """Run up to ``prefill_chunk`` prompt tokens (all of them when nothing is decoding) into the rows
+        being prefilled, oldest first; return the rows whose prompt is complete, first token sampled."""
+        model = self.engine.model
+        budget = self.prefill_chunk if self._rows else None
+        ready = []
+        while self._prefilling and (budget is None or budget > 0):
+            pending = self._prefilling[0]
+            handle, prompt = pending.handle, pending.handle.prompt_ids
+            if handle.cancelled.is_set():
+                self._prefilling.popleft()
+                self._retire([handle])
+                continue
+            end = len(prompt) if budget is None else min(len(prompt), pending.done + budget)
+            try:
+                chunk = torch.tensor([prompt[pending.done : end]], device=model.device)
+                logits = model(chunk, cache=pending.cache, last_only=True).logits[:, -1]
+                if end == len(prompt):
+                    assert self._step is not None and self._sampler is not None
+                    self._sampler.assign(pending.slot, handle.config, prompt)
+                    token = self._sampler.sample(logits, slice(pending.slot, pending.slot + 1))
+                    self._step.place(pending.slot, token[0], len(prompt))
+                    first = int(token)
+            except Exception as exc:  # this request fails alone
+                self._prefilling.popleft()
+                handle.send(exc)
+                self._retire([handle])
+                continue
+            if budget is not None:
+                budget -= end - pending.done
+            pending.done = end
+            if end == len(prompt):
+                self._prefilling.popleft()
+                row = _Row(handle, pending.reply, pending.slot, len(prompt), first, pending.limit)
+                self._rows.append(row)
+                ready.append(row)
+        return ready
 
     def _emit(self, row: _Row) -> bool:
         """Hand the row's newest token to its reply; return whether the request has finished."""

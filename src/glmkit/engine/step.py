@@ -1,10 +1,13 @@
 """The decode step: one new token for rows ``0..n-1`` of a fixed-capacity KV cache, static shapes.
 
 The tokens and positions of the rows live in device buffers that the step reads and advances itself,
-so a step needs nothing from the host.  On CUDA the step is compiled (``torch.compile``, the batch and
-the cache's sizes marked dynamic so that one compilation serves every bucket and cache) and captured
-as one CUDA graph per batch-size bucket (``BUCKETS``): a step of ``n`` rows replays the graph of the
-smallest bucket that holds them, the rows past ``n`` being idle rows whose outputs nobody reads.
+so a step needs nothing from the host.  A step attends over a window of the cache, the first ``window``
+positions of each row (``window_for``: a power of two that holds every row's longest possible
+request), as views of the one storage: a request that grows never copies the cache.  On CUDA the
+step is compiled (``torch.compile``, the batch and the cache's sizes marked dynamic so that one
+compilation serves every bucket and window) and captured as one CUDA graph per batch-size bucket
+(``BUCKETS``) and window: a step of ``n`` rows replays the graph of the smallest bucket that holds
+them, the rows past ``n`` being idle rows whose outputs nobody reads.
 Elsewhere (CPU, MPS) the same step runs eagerly.  ``GLMKIT_DECODE`` overrides the choice:
 ``eager``, ``graphs`` (captured but not compiled) or ``compiled`` (without graphs off CUDA).
 
@@ -23,7 +26,8 @@ import torch
 
 from glmkit.models.base import KVCache
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SMALLEST_WINDOW = 256
 MODES = ("eager", "graphs", "compiled")
 
 logger = logging.getLogger(__name__)
@@ -52,9 +56,20 @@ def bucket(n: int, rows: int) -> int:
     return next((b for b in BUCKETS if max(n, smallest) <= b <= rows), rows)
 
 
+def window_for(length: int, capacity: int) -> int:
+    """The window that holds rows of up to ``length`` positions: few sizes, so few graphs."""
+    window = SMALLEST_WINDOW
+    while window < length:
+        window *= 2
+    return min(window, capacity)
+
+
 def _decode(model: Any, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    # an idle row (free, or still being prefilled) may sit past a smaller window than its last one:
+    # held at the window's last index, what it writes lies past anything its row has stored, and is
+    # written over before it is read
+    positions.clamp_(max=cache.max_length - 1)
     logits = model.decode_rows(tokens, cache, None, positions)
-    # advance the rows; an idle row is held at the last index, where nothing reads what it writes
     positions.copy_((positions + 1).clamp(max=cache.max_length - 1))
     return logits
 
@@ -70,8 +85,9 @@ class DecodeStep:
     """Rows ``0..n-1`` of ``cache`` decoded by ``model`` one token at a time.
 
     ``place`` puts a row's next input token and its position (its length so far) into the buffers,
-    ``run(n)`` runs one step for rows ``0..n-1`` and returns their logits ``[n, vocab]`` (valid until the
-    next ``run``); ``feed(tokens)`` sets the next input tokens of rows ``0..n-1`` from the device.
+    ``run(n, window)`` runs one step for rows ``0..n-1`` over the first ``window`` positions (default: the
+    whole cache) and returns their logits ``[n, vocab]`` (valid until the next ``run``); ``feed(tokens)``
+    sets the next input tokens of rows ``0..n-1`` from the device.
     """
 
     def __init__(self, model: Any, cache: KVCache, mode: str | None = None) -> None:
@@ -85,10 +101,11 @@ class DecodeStep:
         # one graph captures one device's work: layers spread over GPUs decode without graphs
         one_device = len({t.device for t in cache.keys}) == 1
         self._graphed = self.mode != "eager" and device.type == "cuda" and one_device
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._graphed else None  # one pool for all buckets
         self._host = torch.empty(self.rows, dtype=torch.int64, pin_memory=self._graphed)
         self._storage = cache.keys[0]  # a grown cache has new tensors: its graphs must be captured again
+        self._windows: dict[int, KVCache] = {}
 
     def place(self, row: int, token: torch.Tensor | int, position: int) -> None:
         self.tokens[row, 0] = token
@@ -113,34 +130,45 @@ class DecodeStep:
 
         return wait
 
-    def run(self, n: int) -> torch.Tensor:
+    def run(self, n: int, window: int | None = None) -> torch.Tensor:
+        window = min(window or self.cache.max_length, self.cache.max_length)  # the cache is never a window
         if not self._graphed:
-            return self._forward(n)
+            return self._forward(n, window)
         if self.cache.keys[0] is not self._storage:
             # a pool whose graphs are all gone is freed: the new graphs need a new one
             self._graphs.clear()
             self._pool = torch.cuda.graph_pool_handle()
             self._storage = self.cache.keys[0]
-        b = bucket(n, self.rows)
-        if b not in self._graphs:
-            self._graphs[b] = self._capture(b)
-        graph, logits = self._graphs[b]
+        key = (bucket(n, self.rows), window)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(*key)
+        graph, logits = self._graphs[key]
         graph.replay()
         return logits[:n]
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, window: int) -> torch.Tensor:
         tokens, positions = self.tokens[:b], self.positions[:b]
+        cache = self.cache if window == self.cache.max_length else self._window(window)
         if self.mode != "compiled":
-            return _decode(self.model, tokens, self.cache, positions)
+            return _decode(self.model, tokens, cache, positions)
         if b > 1:  # one compilation for every bucket above 1 and every cache size (1 stays specialised)
             torch._dynamo.maybe_mark_dynamic(tokens, 0)
             torch._dynamo.maybe_mark_dynamic(positions, 0)
-        for t in (*self.cache.keys, *self.cache.values):
+        for t in (*cache.keys, *cache.values):
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
-        return _compiled_decode()(self.model, tokens, self.cache, positions)
+        if cache.window_positions is not None:  # one compilation for every window
+            torch._dynamo.maybe_mark_dynamic(cache.window_positions, 0)
+        return _compiled_decode()(self.model, tokens, cache, positions)
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _window(self, length: int) -> KVCache:
+        """The cache as a window of ``length`` positions (it shares the cache's lists of tensors, so a
+        grown cache's window reads the new ones)."""
+        if length not in self._windows:
+            self._windows[length] = self.cache.window(length)
+        return self._windows[length]
+
+    def _capture(self, b: int, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # warm-up runs (compilation, autotuning, lazy state such as a P-Tuning prefix) happen outside the
         # graph, on a side stream as capture wants; they write the rows' current slots, which the real
         # step writes again, and advance the positions, which are put back
@@ -149,10 +177,10 @@ class DecodeStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(b)
+                self._forward(b, window)
         torch.cuda.current_stream().wait_stream(stream)
         self.positions.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._forward(b)
+            logits = self._forward(b, window)
         return graph, logits

@@ -77,6 +77,9 @@ class KVCache:
     values: list[torch.Tensor]
     length: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    #: ``0..W-1`` for a decode step that reads only the first W positions of each row (``window``); a
+    #: tensor, not an int, so that a compiled step takes its length as a dynamic size
+    window_positions: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -97,7 +100,8 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[2]
+        """Positions a row holds (or, for a window, the positions a decode step reads)."""
+        return self.keys[0].shape[2] if self.window_positions is None else self.window_positions.shape[0]
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``[batch, kv_heads, new, head_dim]`` after what is cached; return all keys/values so far."""
@@ -133,6 +137,12 @@ class KVCache:
         # every layer grown before any is replaced: an interruption (Ctrl-C) leaves the old cache whole
         keys, values = [bigger(k) for k in self.keys], [bigger(v) for v in self.values]
         self.keys[:], self.values[:] = keys, values
+
+    def window(self, length: int) -> KVCache:
+        """This cache, for a decode step that reads only the first ``length`` positions of each row: the
+        same tensors (writes go into the storage itself, nothing is copied), a shorter ``max_length``."""
+        positions = torch.arange(length, device=self.keys[0].device)
+        return KVCache(keys=self.keys, values=self.values, window_positions=positions)
 
     def row(self, index: int) -> KVCache:
         """An empty one-row cache whose storage is row ``index`` of this one (for filling one slot)."""

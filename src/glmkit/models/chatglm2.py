@@ -164,7 +164,13 @@ class SelfAttention(nn.Module):
             else:
                 k = k.repeat_interleave(group, dim=1)
                 v = v.repeat_interleave(group, dim=1)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=blocked is None)
+                lead = k.shape[2] - n if blocked is None else 0
+                if lead:
+                    # causal after `lead` keys (a P-Tuning prefix, a cache) as square causal attention over
+                    # queries padded in front: the fused causal kernels take no mask; the padding queries'
+                    # outputs are dropped (full_attention_blocked keeps this to lead <= n)
+                    q = F.pad(q, (0, 0, lead, 0))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=blocked is None)[:, :, lead:]
         return self.dense(out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2).reshape(b, n, -1))
 
 
@@ -374,16 +380,19 @@ class RowSlots:
         # where a write through a view makes it copy the whole view back
         keys[rows, :, positions] = key[:, :, 0]
         values[rows, :, positions] = value[:, :, 0]
+        window = self.cache.max_length  # a window of the cache: only its first positions are read
         if self.rows is None:
-            return keys[:n], values[:n]
-        return keys[rows], values[rows]
+            return keys[:n, :, :window], values[:n, :, :window]
+        return keys[rows, :, :window], values[rows, :, :window]
 
 
 def full_attention_blocked(
     n: int, past: int, key_blocked: torch.Tensor | None, prefix_length: int, device: torch.device
 ) -> torch.Tensor | None:
     """The reference ``get_masks``: ``[b, 1, n, prefix+past+n]`` True where a query may not attend, or
-    None where plain causal attention (or, for one query, no mask) gives the same.
+    None where causal attention with the queries aligned to the last keys (or, for one query, no mask)
+    gives the same: nothing padded, and at most ``n`` keys before the queries (past that, padding the
+    queries in front, as the attention does, would cost more than the mask saves).
 
     Queries see the prefix, the cache and themselves causally, never padding keys; on a first pass
     (nothing before the tokens) a padding query sees everything, as in the reference (its output is
@@ -391,7 +400,7 @@ def full_attention_blocked(
     """
     before = prefix_length + past
     if key_blocked is None:
-        if n == 1 or before == 0:
+        if n == 1 or before <= n:
             return None
         return causal_blocked(n, before, None, device)
     if prefix_length:

@@ -290,7 +290,10 @@ class LlamaForCausalLM(nn.Module):
                 keys, values = cache.keys[i], cache.values[i]
                 keys[index, :, positions] = k[:, :, 0]
                 values[index, :, positions] = v[:, :, 0]
-                return (keys[:n], values[:n]) if rows is None else (keys[index], values[index])
+                window = cache.max_length  # a window of the cache: only its first positions are read
+                if rows is None:
+                    return keys[:n, :, :window], values[:n, :, :window]
+                return keys[index, :, :window], values[index, :, :window]
 
             return write_then_read
 

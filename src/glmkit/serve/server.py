@@ -23,7 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 
 from glmkit.chat import ChatModel
-from glmkit.engine.scheduler import Scheduler
+from glmkit.engine.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler
 from glmkit.serve import legacy, openai_api
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import install_error_handlers
@@ -50,6 +50,8 @@ class ServerOptions:
     log_prompts: bool = False
     max_active: int = 16
     max_queue: int = 64
+    kv_cache_gb: float | None = None  # the batch KV cache's size; None: the scheduler's default
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     max_body_bytes: int = 1 << 20
     #: the longest prompt + reply one request may have (the scheduler's rows hold this many tokens)
     max_model_len: int = 4096
@@ -72,6 +74,8 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         max_queue=options.max_queue,
         max_sequence_length=options.max_model_len,
         on_failure=worker_failed,
+        kv_cache_bytes=None if options.kv_cache_gb is None else int(options.kv_cache_gb * 2**30),
+        prefill_chunk=options.prefill_chunk,
     )
 
     @asynccontextmanager
