@@ -10,11 +10,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import GLM4_DIR, needs_conformance
+from safetensors.torch import load_file, save_file
+from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
+from glmkit.engine import GenerationConfig, generate_tokens
 from glmkit.engine.detokenizer import StreamingDetokenizer
 from glmkit.errors import GlmkitError
-from glmkit.models import load_tokenizer
+from glmkit.models import load_model, load_tokenizer
+from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+from glmkit.models.hf_causal_lm import HFCausalLM
 from glmkit.models.tokenization_glm4 import GLM4Tokenizer
 from glmkit.templates import detect_template, get_template
 
@@ -193,3 +199,191 @@ def test_template_detection(tmp_path):
     config = json.loads((GLM4_DIR / "chatglm_cpp_tiny" / "config.json").read_text())
     assert detect_template(GLM4_DIR / "chatglm_cpp_tiny", config) == "glm4"  # padded_vocab_size 5, eos list
     assert detect_template(GLM4_DIR / "tokenizer", config | {"padded_vocab_size": 151552}) == "glm4"
+
+
+# -- the network: official code (chatglm.cpp's tiny model) ---------------------------------------------
+
+TINY = GLM4_DIR / "chatglm_cpp_tiny"
+
+
+@torch.no_grad()
+def test_hidden_states_match_the_official_code_over_the_cache():
+    """Prefill of 3 tokens, then two single tokens over the KV cache, as the official ChatGLMModel ran them."""
+    model = load_model(TINY)
+    assert isinstance(model, ChatGLM2ForConditionalGeneration) and model.config.rope_ratio == 500
+    steps = json.loads((TINY / "expected.json").read_text())["steps"]
+    cache = model.new_cache(1, 8)
+    for step in steps:
+        hidden = model.transformer(torch.tensor([step["input_ids"]]), None, None, cache)
+        expected = torch.tensor(step["hidden_states"]).reshape(hidden.shape)
+        assert (hidden - expected).abs().max().item() <= 1e-5
+    assert cache.length == 5
+
+
+# -- the network: transformers' GlmForCausalLM on GLM-4-shaped random models ----------------------------
+
+SHAPE = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "kv_channels": 16, "multi_query_group_num": 2}
+
+
+def official_checkpoint(directory: Path, rope_ratio: float, vocab: int = 256, seed: int = 0) -> Path:
+    """A random GLM-4-shaped checkpoint under the official names and config fields (model_type chatglm)."""
+    config = json.loads((TINY / "config.json").read_text()) | SHAPE
+    config |= {"ffn_hidden_size": 96, "padded_vocab_size": vocab, "seq_length": 512, "rope_ratio": rope_ratio}
+    config |= {"layernorm_epsilon": 1e-5, "pad_token_id": 0, "eos_token_id": [1, 2]}
+    with torch.device("meta"):
+        model = ChatGLM2ForConditionalGeneration(ChatGLM2Config.from_dict(config))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        scale = 0.05 if "layernorm" in name else 0.3 if "bias" in name else 0.15
+        base = 1.0 if "layernorm" in name else 0.0
+        state[name] = base + torch.randn(p.shape, generator=generator) * scale
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(state, str(directory / "model.safetensors"))
+    return directory
+
+
+def hf_copy(official: Path, directory: Path, rope_theta: float | None = None) -> Path:
+    """The same checkpoint as a -hf one: transformers' GlmConfig and names, as its conversion script maps
+    them (query_key_value split into q/k/v by rows); ``rope_theta`` overrides 10000 x rope_ratio."""
+    config = json.loads((official / "config.json").read_text())
+    heads, kv, head_dim = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
+    hf_config = GlmConfig(
+        vocab_size=config["padded_vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["ffn_hidden_size"],
+        num_hidden_layers=config["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=config["seq_length"],
+        rms_norm_eps=config["layernorm_epsilon"],
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta or 10000.0 * config["rope_ratio"]},
+        attention_bias=True,
+        pad_token_id=config["pad_token_id"],
+        eos_token_id=config["eos_token_id"],
+    )
+    names = {
+        "transformer.embedding.word_embeddings.": "model.embed_tokens.",
+        "transformer.encoder.final_layernorm.": "model.norm.",
+        "transformer.output_layer.": "lm_head.",
+        "transformer.encoder.layers.": "model.layers.",
+        "self_attention.dense.": "self_attn.o_proj.",
+        "mlp.dense_h_to_4h.": "mlp.gate_up_proj.",
+        "mlp.dense_4h_to_h.": "mlp.down_proj.",
+    }
+    state = {}
+    for name, tensor in load_file(str(official / "model.safetensors")).items():
+        for old, new in names.items():
+            name = name.replace(old, new)
+        if "query_key_value" in name:
+            q, k, v = tensor.split([heads * head_dim, kv * head_dim, kv * head_dim], dim=0)
+            for part, value in zip("qkv", (q, k, v), strict=True):
+                state[name.replace("self_attention.query_key_value.", f"self_attn.{part}_proj.")] = value
+        else:
+            state[name] = tensor
+    directory.mkdir(parents=True)
+    hf_config.save_pretrained(directory)
+    save_file(state, str(directory / "model.safetensors"))
+    return directory
+
+
+PROMPT = [5, 17, 42, 99, 3, 250, 8, 61, 77, 12, 200, 33]
+
+
+@torch.no_grad()
+def reference_greedy(model: GlmForCausalLM, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens from transformers, recomputing the whole sequence each step (no cache classes)."""
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("rope_ratio", [500, 10000])
+@torch.no_grad()
+def test_logits_and_greedy_tokens_match_transformers(tmp_path, rope_ratio):
+    official = official_checkpoint(tmp_path / "official", rope_ratio)
+    hf = hf_copy(official, tmp_path / "hf")
+    reference = GlmForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    model = load_model(official)
+    ids = torch.tensor([PROMPT])
+    expected = reference(ids).logits
+    got = model(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert got.abs().max().item() > 1  # logits that say something, not a near-uniform soup
+
+    config = GenerationConfig(max_new_tokens=24, do_sample=False)
+    tokens = generate_tokens(model, PROMPT, config, use_cache=True)
+    assert tokens == reference_greedy(reference, PROMPT, 24)
+    assert len(set(tokens)) > 2
+
+    # the check can fail: the RoPE base matters at these sizes
+    wrong = GlmForCausalLM.from_pretrained(hf_copy(official, tmp_path / "wrong", rope_theta=10000.0)).eval()
+    assert (wrong(ids).logits - expected).abs().max().item() > 1e-3
+
+
+@torch.no_grad()
+def test_hf_named_copy_gives_the_same_logits(tmp_path):
+    official = official_checkpoint(tmp_path / "official", 500)
+    hf = hf_copy(official, tmp_path / "hf")
+    native, renamed = load_model(official), load_model(hf)
+    assert isinstance(renamed, ChatGLM2ForConditionalGeneration)
+    assert renamed.config.rope_ratio == 500 and renamed.context_length == 512
+    ids = torch.tensor([PROMPT])
+    assert torch.equal(renamed(ids).logits, native(ids).logits)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False)
+    assert generate_tokens(renamed, PROMPT, config) == generate_tokens(native, PROMPT, config)
+    assert detect_template(hf, json.loads((hf / "config.json").read_text())) == "glm4"
+
+
+def test_hf_config_with_the_wrong_rope_theta_is_refused(tmp_path):
+    """Third-party copies of the glm-4-9b-chat-hf config say rope_theta 10000 where the model means 5e6."""
+    directory = tmp_path / "copy"
+    directory.mkdir()
+    config = GlmConfig(
+        vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2
+    ).to_dict() | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GlmkitError, match=r"rope_theta is 10000.*glm-4-9b-chat.*set rope_theta to 5e\+06"):
+        load_model(directory)
+    # an original rope_ratio left in the config is checked the same way
+    official = official_checkpoint(tmp_path / "official", 500)
+    hf = hf_copy(official, tmp_path / "hf")
+    (hf / "config.json").write_text(json.dumps(json.loads((hf / "config.json").read_text()) | {"rope_ratio": 2}))
+    with pytest.raises(GlmkitError, match="its rope_ratio means rope_ratio 2"):
+        load_model(hf)
+
+
+def test_glm4_0414_runs_through_transformers(tmp_path):
+    """Glm4ForCausalLM (two more norms a layer) goes the transformers path, with its own chat template."""
+    config = Glm4Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=[1, 2],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Glm4ForCausalLM(config).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert isinstance(model, HFCausalLM)
+    assert detect_template(tmp_path, json.loads((tmp_path / "config.json").read_text())) == "hf"
+    reference = Glm4ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([PROMPT])).logits, reference(torch.tensor([PROMPT])).logits)
+    config = GenerationConfig(max_new_tokens=8, do_sample=False)
+    assert generate_tokens(model, PROMPT, config) == reference_greedy(reference, PROMPT, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@torch.no_grad()
+def test_quantized_at_load(tmp_path, bits):
+    """INT8 / INT4 (glmkit's weight-only linears) on the original and the -hf names alike. Bounds as in
+    test_quantize.py: random 2-layer nets amplify weight errors (measured here: INT8 0.025, INT4 0.34)."""
+    official = official_checkpoint(tmp_path / "official", 500)
+    ids = torch.tensor([PROMPT])
+    full = load_model(official)(ids).logits
+    for directory in (official, hf_copy(official, tmp_path / "hf")):
+        quantized = load_model(directory, quantize=bits)
+        error = ((quantized(ids).logits - full).norm() / full.norm()).item()
+        assert 0 < error < (0.05 if bits == 8 else 0.5), (directory.name, error)
+        assert len(generate_tokens(quantized, PROMPT, GenerationConfig(max_new_tokens=4, do_sample=False))) == 4
