@@ -21,6 +21,17 @@ CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 V1_DIR = CONFORMANCE / "chatglm_v1"
 V3_DIR = CONFORMANCE / "chatglm_v3"
 GLM4_DIR = CONFORMANCE / "glm4"
+# one OpenAI-style function tool, as GLM-4 tool-call tests offer it
+GLM4_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "查询城市的天气",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 needs_conformance = pytest.mark.skipif(
     not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
 )

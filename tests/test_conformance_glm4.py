@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GLM4_DIR, needs_conformance
+from conftest import GLM4_DIR, GLM4_TOOLS, needs_conformance
 from safetensors.torch import load_file, save_file
 from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
@@ -29,16 +29,6 @@ pytestmark = needs_conformance
 CASES = json.loads((GLM4_DIR / "tokenizer_cases.json").read_text(encoding="utf-8")) if GLM4_DIR.is_dir() else {}
 TEXT_CASES = CASES.get("text_cases", [])
 PROMPT_CASES = CASES.get("prompt_cases", [])
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "查询城市的天气",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -137,13 +127,13 @@ def test_stop_ids(glm4_tokenizer):
 
 def test_tools_system_block_and_tool_turns(glm4_tokenizer):
     messages = [
-        {"role": "system", "content": "", "tools": TOOLS},
+        {"role": "system", "content": "", "tools": GLM4_TOOLS},
         {"role": "user", "content": "北京天气怎么样？"},
         {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
         {"role": "observation", "content": '{"temperature": 25}'},
     ]
     ids = get_template("glm4").build_input_ids(glm4_tokenizer, messages)
-    function = json.dumps(TOOLS[0]["function"], ensure_ascii=False, indent=4)
+    function = json.dumps(GLM4_TOOLS[0]["function"], ensure_ascii=False, indent=4)
     expected = (
         "[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
         "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具\n\n## get_weather\n\n"
@@ -159,7 +149,7 @@ def test_tools_system_block_and_tool_turns(glm4_tokenizer):
 
 
 def test_a_system_prompt_beside_tools_is_a_block_of_its_own(glm4_tokenizer):
-    messages = [{"role": "system", "content": "Be brief.", "tools": TOOLS}, {"role": "user", "content": "hi"}]
+    messages = [{"role": "system", "content": "Be brief.", "tools": GLM4_TOOLS}, {"role": "user", "content": "hi"}]
     text = glm4_tokenizer.decode(get_template("glm4").build_input_ids(glm4_tokenizer, messages))
     assert text.count("<|system|>") == 2 and "调用的参数。<|system|>\nBe brief.<|user|>\nhi" in text
 
@@ -187,7 +177,7 @@ def test_unknown_tool_types_are_refused(glm4_tokenizer):
     ],
 )
 def test_tool_calls_parse_into_the_chatglm3_shape(text, response):
-    messages = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "北京天气"}]
+    messages = [{"role": "system", "content": "", "tools": GLM4_TOOLS}, {"role": "user", "content": "北京天气"}]
     got, new = get_template("glm4").postprocess(text, messages)
     assert got == response
     assert new[0]["role"] == "assistant"
