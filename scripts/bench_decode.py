@@ -1,4 +1,4 @@
-"""Decode speed of a ChatGLM3-6B-shaped model (random bf16 weights) on one GPU, in one run.
+"""Decode speed of a ChatGLM3-6B- or GLM-4-9B-shaped model (random bf16 weights) on one GPU, in one run.
 
 Measures the device copy bandwidth (the batch-1 limit is that bandwidth over the weights' bytes), batch-1
 decode through ``iter_tokens`` with the decode step eager, graphed and compiled+graphed
@@ -6,9 +6,10 @@ decode through ``iter_tokens`` with the decode step eager, graphed and compiled+
 ``generate``, 8 and 64 concurrent streams through the scheduler, the time to the first token of a long
 prompt, a matmul-only floor (every linear of a step, nothing else, in one CUDA graph) and peak memory.
 Prints a table, writes JSON to ``$OUT/bench_decode.json`` (or ``--out``).  ``--tiny`` runs a small
-shape on the CPU, so that the script itself is testable without a GPU.
+shape on the CPU, so that the script itself is testable without a GPU. ``--shape glm4-9b`` measures
+GLM-4-9B's (40 layers, vocabulary 151552, rope_ratio 500: the same network with another config).
 
-    PYTHONPATH=src python scripts/bench_decode.py [--tiny] [--skip-transformers]
+    PYTHONPATH=src python scripts/bench_decode.py [--shape glm4-9b] [--tiny] [--skip-transformers]
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ CHATGLM3_6B = {
     "multi_query_attention": True, "multi_query_group_num": 2, "kv_channels": 128,
     "padded_vocab_size": 65024, "seq_length": 8192, "rope_ratio": 1,
 }  # fmt: skip
-TINY = {**CHATGLM3_6B, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
+GLM4_9B = {**CHATGLM3_6B, "num_layers": 40, "padded_vocab_size": 151552, "seq_length": 131072, "rope_ratio": 500}
+SHAPES = {"chatglm3-6b": CHATGLM3_6B, "glm4-9b": GLM4_9B}
+# the small CPU shape keeps the family's RoPE base
+TINY = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
         "kv_channels": 16, "padded_vocab_size": 512, "seq_length": 2048}  # fmt: skip
 GiB = 2**30
 
@@ -45,6 +49,7 @@ def sync() -> None:
 
 
 def prompt(length: int, vocab: int, seed: int) -> list[int]:
+    # ChatGLM3's [gMASK] sop in front; with random weights which ids they are does not change the timing
     ids = torch.randint(100, vocab - 100, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
     return [64790 % vocab, 64792 % vocab, *ids[2:]]
 
@@ -283,6 +288,8 @@ def hf_glm(model, config: dict, device: torch.device):
         num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["multi_query_group_num"],
         head_dim=config["kv_channels"], max_position_embeddings=config["seq_length"], rms_norm_eps=1e-5,
         attention_bias=True, eos_token_id=None, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * config["rope_ratio"],
+                         "partial_rotary_factor": 0.5},
     )  # fmt: skip
     with torch.device("meta"):
         hf = GlmForCausalLM(cfg)
@@ -369,6 +376,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="chatglm3-6b", help="the model's sizes")
     parser.add_argument("--tiny", action="store_true", help="a small shape on the CPU")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--modes", default="eager,graphs,compiled")
@@ -376,13 +384,15 @@ def main() -> None:
     parser.add_argument("--prefill-chunks", default="512", help="chunks of the TTFT-under-load runs ('': none)")
     parser.add_argument("--step-modes", default="graphs,compiled", help="modes of the step-alone timings ('': none)")
     parser.add_argument("--skip-floor", action="store_true", help="skip the linears-only floor")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_decode.json")
+    parser.add_argument("--out", type=Path, help="default: $OUT/bench_decode.json (bench_decode_SHAPE.json)")
     args = parser.parse_args()
+    name = "bench_decode.json" if args.shape == "chatglm3-6b" else f"bench_decode_{args.shape}.json"
+    args.out = args.out or Path(os.environ.get("OUT", ".")) / name
     device = torch.device("cpu" if args.tiny else "cuda")
-    config = TINY if args.tiny else CHATGLM3_6B
+    config = {**SHAPES[args.shape], **(TINY if args.tiny else {})}
     prompt_len, new, repeats = (16, 16, 1) if args.tiny else (128, 256, 3)
     vocab = config["padded_vocab_size"]
-    report: dict = {"torch": torch.__version__, "device": str(device), "config": config,
+    report: dict = {"torch": torch.__version__, "device": str(device), "shape": args.shape, "config": config,
                     "prompt_tokens": prompt_len, "new_tokens": new}  # fmt: skip
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name()

@@ -20,6 +20,18 @@ import uvicorn
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 V1_DIR = CONFORMANCE / "chatglm_v1"
 V3_DIR = CONFORMANCE / "chatglm_v3"
+GLM4_DIR = CONFORMANCE / "glm4"
+# one OpenAI-style function tool, as GLM-4 tool-call tests offer it
+GLM4_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "查询城市的天气",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 needs_conformance = pytest.mark.skipif(
     not CONFORMANCE.is_dir(), reason=f"conformance data not found at {CONFORMANCE} (it sits beside the checkout)"
 )
@@ -96,6 +108,16 @@ def v2():
     from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 
     return ChatGLM2Tokenizer.from_pretrained(V3_DIR / "tokenizer", name_or_path="THUDM/chatglm2-6b")
+
+
+@pytest.fixture(scope="session")
+def glm4_tokenizer():
+    """The real glm-4-9b-chat tokenizer (tokenizer.model as tiktoken ranks)."""
+    from glmkit.models import load_tokenizer
+
+    if not GLM4_DIR.is_dir():
+        pytest.skip(f"GLM-4 conformance data not found at {GLM4_DIR} (it sits beside the checkout)")
+    return load_tokenizer(GLM4_DIR / "tokenizer")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from glmkit.engine import DecodeSession, GenerationConfig, generate_tokens
 from glmkit.engine.config import token_budget
 from glmkit.engine.detokenizer import StreamingDetokenizer
-from glmkit.engine.sampling import Sampler, filter_top_k_top_p
+from glmkit.engine.sampling import Sampler, filter_top_k_top_p, uniform_from_bits
 from glmkit.engine.stop_strings import StopStringMatcher
 from glmkit.errors import GlmkitError
 
@@ -77,6 +77,14 @@ def test_top_k_top_p_filter():
     top_p = torch.tensor([float("inf"), float(probs[0] + probs[1] / 2), 1e-6])
     kept = ~torch.isinf(filter_top_k_top_p(logits, top_k, top_p))
     assert kept.tolist() == [[True, True, False, False, False], [True, True, False, False, False], [True] + [False] * 4]
+
+
+def test_gumbel_noise_is_always_finite():
+    """The largest hash once made the noise +inf, so a token far below the others won a draw."""
+    extremes = uniform_from_bits(torch.tensor([0, 0x100, 0xFFFFFE00, 0xFFFFFFFF]))
+    assert (extremes > 0).all() and (extremes < 1).all()
+    assert torch.unique(extremes).numel() == 4  # the largest stays above the one below it
+    assert torch.isfinite(-torch.log(-torch.log(extremes))).all()
 
 
 def test_repetition_penalty_discourages_seen_tokens():

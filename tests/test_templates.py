@@ -340,7 +340,9 @@ def test_detect_conformance_checkpoints(directory, template):
             "characterglm",
         ),
         ({}, {"_name_or_path": "/data/finetuned"}, None),
-        ({"tokenizer_class": "ChatGLM4Tokenizer"}, {"padded_vocab_size": 151552}, None),
+        ({"tokenizer_class": "ChatGLM4Tokenizer"}, {"padded_vocab_size": 151552}, "glm4"),
+        ({}, {"padded_vocab_size": 151552}, "glm4"),
+        ({}, {"eos_token_id": [151329, 151336, 151338]}, "glm4"),
     ],
 )
 def test_detect_by_names(tmp_path, tokenizer_config, config, template):

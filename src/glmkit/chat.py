@@ -133,7 +133,8 @@ class ChatModel:
     # -- the ChatGLM contract ---------------------------------------------------------------------
     def _history_out(self, history: History | None, query: str, messages: list[Message], new: list[Message]) -> list:
         as_messages = bool(history) and isinstance(history[0], dict)
-        if as_messages or (not history and self.template.name == "chatglm3"):
+        # the role-token formats keep metadata and tool calls, which (query, response) pairs cannot
+        if as_messages or (not history and self.template.name in ("chatglm3", "glm4")):
             return [*messages, *new]
         pairs = [tuple(item) for item in (history or [])]
         reply = "".join(m["content"] if isinstance(m["content"], str) else json.dumps(m["content"]) for m in new)

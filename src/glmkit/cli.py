@@ -53,7 +53,8 @@ AdapterOption = Annotated[
     Path | None, typer.Option(help="What glmkit train wrote: a LoRA adapter or a P-Tuning v2 checkpoint directory.")
 ]
 TemplateOption = Annotated[
-    str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
+    str | None,
+    typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm, glm4); default: detected."),
 ]
 
 

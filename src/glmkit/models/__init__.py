@@ -68,11 +68,13 @@ CHATGLM_FAMILIES = ("chatglm", "chatglm2")
 
 
 def model_family(config: dict[str, Any]) -> str:
-    """``chatglm`` (ChatGLM-6B), ``chatglm2`` (ChatGLM2/3-6B, CharacterGLM-6B), ``llama`` or ``hf``
-    (any other transformers causal LM)."""
+    """``chatglm`` (ChatGLM-6B), ``chatglm2`` (ChatGLM2/3-6B, CharacterGLM-6B, GLM-4-9B and its -hf
+    copies), ``llama`` or ``hf`` (any other transformers causal LM, GLM-4-0414 among them)."""
     if "position_encoding_2d" in config or "inner_hidden_size" in config:
         return "chatglm"
     if "multi_query_attention" in config or "padded_vocab_size" in config:
+        return "chatglm2"
+    if config.get("model_type") == "glm":  # GLM-4 -hf: the same network under transformers' names
         return "chatglm2"
     from glmkit.models.llama import supports_natively
 
@@ -124,7 +126,10 @@ def load_model(
 
 
 def load_tokenizer(tokenizer_dir: str | Path):
-    """ChatGLM sentencepiece tokenizers natively; anything else through ``AutoTokenizer`` (no remote code)."""
+    """ChatGLM sentencepiece and GLM-4 tiktoken tokenizers natively; anything else through ``AutoTokenizer``
+    (no remote code)."""
+    from glmkit.models.tokenization_glm4 import is_tiktoken_ranks
+
     tokenizer_dir = Path(tokenizer_dir)
     if (tokenizer_dir / "ice_text.model").is_file():
         from glmkit.models.tokenization_chatglm import ChatGLMTokenizer
@@ -134,14 +139,25 @@ def load_tokenizer(tokenizer_dir: str | Path):
     tokenizer_class = read_json_object(tokenizer_config).get("tokenizer_class") if tokenizer_config.is_file() else None
     if tokenizer_class is not None and not isinstance(tokenizer_class, str):
         raise GlmkitError(f"{tokenizer_config}: tokenizer_class must be a string, not {tokenizer_class!r}")
-    if (tokenizer_dir / "tokenizer.model").is_file() and (tokenizer_class or "").lower() == "chatglmtokenizer":
+    vocab_file = tokenizer_dir / "tokenizer.model"
+    named = (tokenizer_class or "").lower()
+    if vocab_file.is_file() and (named == "chatglm4tokenizer" or is_tiktoken_ranks(vocab_file)):
+        from glmkit.models.tokenization_glm4 import GLM4Tokenizer
+
+        return GLM4Tokenizer.from_pretrained(tokenizer_dir)
+    if vocab_file.is_file() and named == "chatglmtokenizer":
         from glmkit.models.tokenization_chatglm2 import ChatGLM2Tokenizer
 
         return ChatGLM2Tokenizer.from_pretrained(tokenizer_dir)
-    if (tokenizer_dir / "config.json").is_file() and model_family(read_config(tokenizer_dir)) in CHATGLM_FAMILIES:
+    has_tokenizer_json = (tokenizer_dir / "tokenizer.json").is_file()  # -hf checkpoints ship this one
+    if (
+        not has_tokenizer_json
+        and (tokenizer_dir / "config.json").is_file()
+        and model_family(read_config(tokenizer_dir)) in CHATGLM_FAMILIES
+    ):
         raise GlmkitError(
             f"{tokenizer_dir} is a ChatGLM checkpoint without its tokenizer: it needs ice_text.model (ChatGLM-6B) "
-            "or tokenizer.model with tokenizer_config.json (ChatGLM2/3, CharacterGLM)"
+            "or tokenizer.model with tokenizer_config.json (ChatGLM2/3, CharacterGLM, GLM-4)"
         )
     from transformers import AutoTokenizer
 

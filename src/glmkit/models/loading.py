@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from glmkit.errors import GlmkitError
+from glmkit.models import glm_hf
 from glmkit.models.base import KVCache
 from glmkit.models.quantize import (
     QuantizationSpec,
@@ -115,6 +116,7 @@ def load_pretrained(
 ) -> Any:
     """Build ``cls(config)`` on the meta device, give it memory on ``devices`` and fill it by name from
     the checkpoint (and the P-Tuning checkpoint); every parameter must be found with its shape.
+    A GLM-4 ``-hf`` checkpoint (transformers' names) is renamed on the way (``glm_hf``).
 
     A quantized checkpoint (glmkit's or the official ChatGLM INT4/INT8 format) is loaded into quantized
     modules directly; ``quantize`` quantizes a float one on the CPU, block by block, on the way to ``devices``.
@@ -123,10 +125,15 @@ def load_pretrained(
 
     path = Path(path)
     raw_config = read_config(path)
+    hf_names = raw_config.get("model_type") == glm_hf.MODEL_TYPE
+    if hf_names:
+        raw_config = glm_hf.official_config(raw_config, path)
     config = config_cls.from_dict(raw_config)
     saved = QuantizationSpec.from_config(raw_config)
     check_requested_bits(path, saved, quantize)
     tensors = iter_tensors(checkpoint_files(path))
+    if hf_names:
+        tensors = glm_hf.official_tensors(tensors)
     if saved is not None and saved.official and saved.bits == 4:
         tensors = translate_official_int4(tensors)
     sources = [(path, tensors)]

@@ -46,13 +46,15 @@ def clean_up_tokenization(text: str) -> str:
 
 
 class ChatGLMTokenizerBase:
-    """A sentencepiece model with the Hugging Face tokenizer calls glmkit uses.
+    """A vocabulary file with the Hugging Face tokenizer calls glmkit uses (sentencepiece unless a subclass
+    reads another format).
 
     Subclasses say how text becomes pieces, where ``[gMASK]``/``sop`` go, how a row is padded and how
     ids read back; everything else (calling conventions, tensors, saving) is here.
     """
 
     vocab_file_name: ClassVar[str]
+    tokenizer_class: ClassVar[str] = "ChatGLMTokenizer"  # written to tokenizer_config.json
     eos_token_id: int
     pad_token_id: int
     bos_token_id: int | None
@@ -69,14 +71,18 @@ class ChatGLMTokenizerBase:
         if padding_side != "left":
             raise GlmkitError(f"ChatGLM tokenizers pad on the left only, not {padding_side!r}")
         self.vocab_file = Path(vocab_file)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.vocab_file))
-        except (OSError, RuntimeError) as exc:
-            raise GlmkitError(f"{self.vocab_file} is not a readable sentencepiece model: {exc}") from exc
+        self._load_vocabulary(self.vocab_file)
         self.padding_side = padding_side
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         # tokenizer_config.json as read, written back by save_pretrained
         self.init_kwargs = dict(init_kwargs or {})
+
+    def _load_vocabulary(self, vocab_file: Path) -> None:
+        """Read the vocabulary file (sentencepiece here; GLM-4's tiktoken ranks override this)."""
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(vocab_file))
+        except (OSError, RuntimeError) as exc:
+            raise GlmkitError(f"{vocab_file} is not a readable sentencepiece model: {exc}") from exc
 
     # -- loading and saving ------------------------------------------------------------------------
 
@@ -100,6 +106,11 @@ class ChatGLMTokenizerBase:
     def from_config(cls, vocab_file: Path, config: dict[str, Any]):
         raise NotImplementedError
 
+    @staticmethod
+    def padding_options(config: dict[str, Any]) -> dict[str, Any]:
+        """The tokenizer_config.json settings every subclass takes."""
+        return {key: config[key] for key in ("padding_side", "clean_up_tokenization_spaces") if key in config}
+
     def save_pretrained(self, directory: str | Path) -> tuple[str, str]:
         """Copy the sentencepiece model and write tokenizer_config.json; returns both paths."""
         directory = Path(directory)
@@ -107,7 +118,7 @@ class ChatGLMTokenizerBase:
         vocab_path = directory / self.vocab_file_name
         if not (vocab_path.exists() and vocab_path.samefile(self.vocab_file)):
             shutil.copyfile(self.vocab_file, vocab_path)
-        config = {**self.init_kwargs, "tokenizer_class": "ChatGLMTokenizer", "padding_side": self.padding_side}
+        config = {**self.init_kwargs, "tokenizer_class": self.tokenizer_class, "padding_side": self.padding_side}
         config_path = directory / "tokenizer_config.json"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return str(config_path), str(vocab_path)
@@ -136,6 +147,13 @@ class ChatGLMTokenizerBase:
     def _id_to_token(self, index: int) -> str:
         # Ids past the vocabulary (the model's padded rows) read as nothing instead of failing.
         return self.sp.id_to_piece(index) if 0 <= index < self.sp.get_piece_size() else ""
+
+    def get_command(self, name: str) -> int:
+        """Id of a special token by name, such as ``[gMASK]`` or ``<|user|>`` (ChatGLM2/3, GLM-4)."""
+        commands = getattr(self, "_commands", {})
+        if name not in commands:
+            raise KeyError(f"{name!r} is not a special token of this tokenizer (known: {', '.join(commands)})")
+        return commands[name]
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
         if isinstance(tokens, str):
@@ -225,6 +243,9 @@ class ChatGLMTokenizerBase:
 
     # -- decoding ----------------------------------------------------------------------------------
 
+    def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._decode_tokens(self.convert_ids_to_tokens(ids, skip_special_tokens))
+
     def _decode_tokens(self, tokens: list[str]) -> str:
         return self.sp.decode_pieces(tokens)
 
@@ -235,7 +256,7 @@ class ChatGLMTokenizerBase:
         clean_up_tokenization_spaces: bool | None = None,
     ) -> str:
         """Text of ``ids``. Incomplete UTF-8 (byte-fallback pieces cut by a window) reads as U+FFFD."""
-        text = self._decode_tokens(self.convert_ids_to_tokens(as_id_list(ids), skip_special_tokens))
+        text = self._decode_ids(as_id_list(ids), skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text

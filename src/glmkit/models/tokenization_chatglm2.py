@@ -50,7 +50,8 @@ class ChatGLM2Tokenizer(ChatGLMTokenizerBase):
         names = SPECIAL_TOKENS + (ROLE_TOKENS if role_tokens else ())
         self.special_tokens = {name: first + offset for offset, name in enumerate(names)}
         self._special_names = {index: name for name, index in self.special_tokens.items()}
-        # The sentencepiece <unk> doubles as padding; <s> is never used (prompts start with [gMASK] sop).
+        # get_command's names. The sentencepiece <unk> doubles as padding; <s> is never used (prompts
+        # start with [gMASK] sop).
         self._commands = {
             "<bos>": self.sp.bos_id(),
             "<eos>": self.sp.eos_id(),
@@ -64,18 +65,12 @@ class ChatGLM2Tokenizer(ChatGLMTokenizerBase):
 
     @classmethod
     def from_config(cls, vocab_file: Path, config: dict[str, Any]) -> ChatGLM2Tokenizer:
-        kwargs = {key: config[key] for key in ("padding_side", "clean_up_tokenization_spaces") if key in config}
+        kwargs = cls.padding_options(config)
         if "role_tokens" in config:
             kwargs["role_tokens"] = bool(config["role_tokens"])
         else:
             kwargs["role_tokens"] = not _CHATGLM2_NAME.search(str(config.get("name_or_path", "")))
         return cls(vocab_file, **kwargs, init_kwargs=config)
-
-    def get_command(self, name: str) -> int:
-        """Id of ``<bos> <eos> <pad>`` or of a special/role token such as ``[gMASK]`` or ``<|user|>``."""
-        if name not in self._commands:
-            raise KeyError(f"{name!r} is not a special token of this tokenizer (known: {', '.join(self._commands)})")
-        return self._commands[name]
 
     @property
     def vocab_size(self) -> int:
@@ -107,12 +102,18 @@ class ChatGLM2Tokenizer(ChatGLMTokenizerBase):
         return [self.special_tokens["[gMASK]"], self.special_tokens["sop"], *ids]
 
     def _pad_row(self, row: Row, target: int | None) -> Row:
-        ids = row["input_ids"]
-        row.setdefault("attention_mask", [1] * len(ids))
-        row.setdefault("position_ids", list(range(len(ids))))
-        missing = 0 if target is None else target - len(ids)
-        if missing > 0:
-            row["input_ids"] = [self.pad_token_id] * missing + ids
-            row["attention_mask"] = [0] * missing + list(row["attention_mask"])
-            row["position_ids"] = [0] * missing + list(row["position_ids"])
-        return row
+        return pad_row_left(row, target, self.pad_token_id)
+
+
+def pad_row_left(row: Row, target: int | None, pad_token_id: int) -> Row:
+    """A row with the ``attention_mask`` (1 = token) and ``position_ids`` of the ChatGLM2/3 and GLM-4
+    references, left-padded to ``target`` tokens (None: no padding)."""
+    ids = row["input_ids"]
+    row.setdefault("attention_mask", [1] * len(ids))
+    row.setdefault("position_ids", list(range(len(ids))))
+    missing = 0 if target is None else target - len(ids)
+    if missing > 0:
+        row["input_ids"] = [pad_token_id] * missing + ids
+        row["attention_mask"] = [0] * missing + list(row["attention_mask"])
+        row["position_ids"] = [0] * missing + list(row["position_ids"])
+    return row

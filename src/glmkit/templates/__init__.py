@@ -16,6 +16,7 @@ _MODULES = {
     "chatglm2": "glmkit.templates.chatglm2",
     "chatglm3": "glmkit.templates.chatglm3",
     "characterglm": "glmkit.templates.characterglm",
+    "glm4": "glmkit.templates.glm4",
 }
 TEMPLATE_NAMES = tuple(_MODULES)
 

@@ -73,19 +73,41 @@ def parse_tool_call(code: str) -> dict[str, Any] | None:
 
 
 class ChatGLM3Template:
+    """The ChatGLM3 format; GLM-4's (``templates/glm4.py``) changes the hooks marked below."""
+
     name = "chatglm3"
     skip_special_tokens = False  # <|assistant|> inside a reply separates turns in postprocess
 
+    # -- hooks: what GLM-4 renders differently --------------------------------------------------------
+    def special_id(self, tokenizer: Any, name: str) -> int:
+        return _command(tokenizer, name)
+
+    def prefix_ids(self, tokenizer: Any) -> list[int]:
+        return [_command(tokenizer, "[gMASK]"), _command(tokenizer, "sop")]
+
+    def message_ids(self, tokenizer: Any, message: Message) -> list[int]:
+        """One history message: its role token first, then its text."""
+        return _message_ids(tokenizer, message)
+
+    def end_id(self, tokenizer: Any) -> int:
+        """The token a training conversation ends with after its last message."""
+        return tokenizer.eos_token_id
+
+    def parse_call(self, content: str) -> dict[str, Any] | None:
+        """A tool call's parameters from its text (``tool_call(...)`` in a fenced block), or None."""
+        return parse_tool_call("\n".join(content.split("\n")[1:-1]))
+
+    # -- the template --------------------------------------------------------------------------------
     def build_input_ids(
         self, tokenizer: Any, messages: list[Message], character: dict[str, str] | None = None
     ) -> list[int]:
         no_character(character)
         if not messages or messages[-1]["role"] not in ("user", "observation"):
-            raise GlmkitError("the chatglm3 template needs messages that end with a user or observation message")
-        ids = [_command(tokenizer, "[gMASK]"), _command(tokenizer, "sop")]
+            raise GlmkitError(f"the {self.name} template needs messages that end with a user or observation message")
+        ids = self.prefix_ids(tokenizer)
         for message in messages:
-            ids += _message_ids(tokenizer, message)
-        ids.append(_command(tokenizer, "<|assistant|>"))
+            ids += self.message_ids(tokenizer, message)
+        ids.append(self.special_id(tokenizer, "<|assistant|>"))
         return ids
 
     def render_conversation(
@@ -99,17 +121,23 @@ class ChatGLM3Template:
         are ``build_input_ids`` of the messages before it.
         """
         no_character(character)
-        segments = [([_command(tokenizer, "[gMASK]"), _command(tokenizer, "sop")], False)]
+        segments = [(self.prefix_ids(tokenizer), False)]
         after_reply = False
         for message in messages:
-            ids = _message_ids(tokenizer, message)
+            ids = self.message_ids(tokenizer, message)
+            if not ids:  # a message the format leaves out (GLM-4: empty content)
+                continue
             segments += [(ids[:1], after_reply), (ids[1:], message["role"] == "assistant")]
             after_reply = message["role"] == "assistant"
-        segments.append(([tokenizer.eos_token_id], after_reply))
+        segments.append(([self.end_id(tokenizer)], after_reply))
         return segments
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
-        return [tokenizer.eos_token_id, _command(tokenizer, "<|user|>"), _command(tokenizer, "<|observation|>")]
+        return [
+            tokenizer.eos_token_id,
+            self.special_id(tokenizer, "<|user|>"),
+            self.special_id(tokenizer, "<|observation|>"),
+        ]
 
     def postprocess(self, text: str, messages: list[Message]) -> tuple[Any, list[Message]]:
         """The last turn's reply (text, or a dict for a tool or code-interpreter call) and every
@@ -129,8 +157,7 @@ class ChatGLM3Template:
             if not tools_offered:
                 response = {"name": metadata.strip(), "content": content}
                 continue
-            # A tool call comes fenced: ```python / tool_call(...) / ```
-            parameters = parse_tool_call("\n".join(content.split("\n")[1:-1]))
+            parameters = self.parse_call(content)
             response = content.strip() if parameters is None else {"name": metadata.strip(), "parameters": parameters}
         return response, new
 
