@@ -381,7 +381,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--modes", default="eager,graphs,compiled")
     parser.add_argument("--streams", default="1,8,32,64,256")
-    parser.add_argument("--prefill-chunks", default="512", help="chunks of the TTFT-under-load runs ('': none)")
+    parser.add_argument("--prefill-chunks", default="2048,512", help="chunks of the TTFT-under-load runs ('': none)")
     parser.add_argument("--step-modes", default="graphs,compiled", help="modes of the step-alone timings ('': none)")
     parser.add_argument("--skip-floor", action="store_true", help="skip the linears-only floor")
     parser.add_argument("--out", type=Path, help="default: $OUT/bench_decode.json (bench_decode_SHAPE.json)")

@@ -212,7 +212,7 @@ def serve(
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
     kv_cache_gb: KvCacheGbOption = None,
-    prefill_chunk: PrefillChunkOption = 512,
+    prefill_chunk: PrefillChunkOption = 2048,
     max_model_len: Annotated[
         int, typer.Option(min=2, help="Most tokens of prompt and reply in one request (capped by the model's own).")
     ] = 4096,
