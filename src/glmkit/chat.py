@@ -16,6 +16,7 @@ from glmkit.engine import Chunk, DecodeSession, Engine, GenerationConfig
 from glmkit.errors import GlmkitError
 from glmkit.hub import resolve_model
 from glmkit.models import load_model, load_tokenizer, read_config
+from glmkit.progress import reporter
 from glmkit.templates import ChatTemplate, Message, detect_template, get_template
 
 History = Sequence[Any]  # [(query, response), ...] or [{"role", "content"}, ...]
@@ -208,10 +209,12 @@ def load(
         raise GlmkitError(
             "--adapter and --quantize together: merge the adapter first (glmkit export), then quantize the result"
         )
-    model_dir = resolve_model(model, source=source, revision=revision)
-    config = read_config(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    model_dir = resolve_model(model, source=source, revision=revision)
+    config = read_config(model_dir)
+    name = str(model) if model is not None else DEMO_MODEL_NAME
+    reporter().say(f"Loading {name} on {torch_device} as {str(torch_dtype).removeprefix('torch.')}…")
     network = load_model(
         model_dir,
         dtype=torch_dtype,
@@ -229,7 +232,6 @@ def load(
         apply_adapter(network, adapter)
     tokenizer = load_tokenizer(model_dir)
     chosen = get_template(template or detect_template(model_dir, config))
-    name = str(model) if model is not None else DEMO_MODEL_NAME
     saved = _read_generation_config(model_dir)
     try:
         defaults = GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved})

@@ -13,9 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
+from glmkit import progress
 from glmkit.errors import GlmkitError
 from glmkit.train.examples import DataArgs
 
+VERBOSE = False  # --verbose, set by main_options before any command runs
 app = typer.Typer(
     help="Run, serve and fine-tune ChatGLM-family and Hugging Face chat models.",
     no_args_is_help=True,
@@ -89,8 +91,20 @@ def main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show other libraries' progress bars, warnings and uvicorn's start-up lines."
+        ),
+    ] = False,
 ) -> None:
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
+    global VERBOSE
+    VERBOSE = verbose
+    if not verbose:
+        progress.quiet_other_libraries()
+    if sys.stderr.isatty():  # bars are for a person at a terminal; logs and pipes get none
+        progress.enable()
 
 
 def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=None, adapter=None):
@@ -233,6 +247,7 @@ def serve(
             max_queue=max_queue,
             max_model_len=max_model_len,
             shutdown_grace_seconds=shutdown_grace,
+            verbose=VERBOSE,
         ),
     )
 
@@ -269,6 +284,7 @@ def web(
         api=False,
         max_active=max_active,
         max_queue=max_queue,
+        verbose=VERBOSE,
     )
     run_server(chat_model, options)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import hmac
 import ipaddress
 import logging
@@ -24,6 +25,8 @@ from starlette.requests import HTTPConnection
 
 from glmkit.chat import ChatModel
 from glmkit.engine.scheduler import Scheduler
+from glmkit.errors import GlmkitError
+from glmkit.progress import elapsed
 from glmkit.serve import legacy, openai_api
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import install_error_handlers
@@ -54,6 +57,7 @@ class ServerOptions:
     #: the longest prompt + reply one request may have (the scheduler's rows hold this many tokens)
     max_model_len: int = 4096
     shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS
+    verbose: bool = False  # uvicorn's own start-up lines too
 
 
 def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> FastAPI:
@@ -172,9 +176,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _log_config() -> dict:
+class _StartLines(logging.Filter):
+    """uvicorn's start-up lines, which glmkit's "Ready" line replaces (its shutdown lines stay)."""
+
+    SAID = (
+        "Started server process",
+        "Waiting for application startup",
+        "Application startup complete",
+        "Uvicorn running",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.SAID)
+
+
+def _log_config(verbose: bool = False) -> dict:
     """uvicorn's logging, plus glmkit's loggers (access log included) with a timestamp."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    if not verbose:
+        config.setdefault("filters", {})["start_lines"] = {"()": _StartLines}
+        config["handlers"]["default"]["filters"] = ["start_lines"]
     config["formatters"]["glmkit"] = {
         "()": "uvicorn.logging.DefaultFormatter",
         "fmt": "%(levelprefix)s %(asctime)s %(message)s",
@@ -192,12 +213,19 @@ def _log_config() -> dict:
 class _Server(uvicorn.Server):
     """uvicorn, ending what would hold its graceful shutdown open: the page's heartbeats at once, and
     after the grace the replies still running (the scheduler is closed, so each ends with a message on
-    the page or an error event instead of being cancelled mid-stream by uvicorn's timeout)."""
+    the page or an error event instead of being cancelled mid-stream by uvicorn's timeout).  Once it
+    listens, it says so: "Ready in N s" and the addresses."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float, ready: Callable[[], None]) -> None:
         super().__init__(config)
         self.glmkit_app = app
         self.grace_seconds = grace_seconds
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.ready()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         on_stop: list[Callable[[], None]] = self.glmkit_app.state.on_stop
@@ -212,11 +240,47 @@ class _Server(uvicorn.Server):
             cut.cancel()
 
 
-def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port or a bad address is a one-line
+    mistake at once, not after minutes of loading."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise GlmkitError(f"cannot listen on {host}: the address does not resolve ({exc})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+    try:
+        sock.bind(info[0][4])
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise GlmkitError(f"port {port} on {host} is already in use: stop what uses it or pick --port") from None
+        raise GlmkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def addresses(options: ServerOptions, port: int) -> list[tuple[str, str]]:
+    """What a person can open, by name: the page, both APIs and their docs."""
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    shown: list[tuple[str, str]] = []
+    if options.web:
+        shown.append(("browser chat", f"{base}{WEB_PATH}/" if options.api else f"{base}/"))
+    if options.api:
+        shown += [("ChatGLM API", f"POST {base}/"), ("OpenAI API", f"{base}/v1"), ("API docs", f"{base}/docs")]
+    return shown
+
+
+def run_server(chat_model: ChatModel, options: ServerOptions, sock: socket.socket | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM; then running replies get a short grace and the scheduler is closed.
 
+    ``sock``: the socket ``bind`` returned (bound before the model loaded); by default it is bound here.
     If the generation worker dies, the server stops and this raises, so the process exits non-zero.
     """
+    sock = sock or bind(options.host, options.port)
     app = create_app(chat_model, options)
     scheduler: Scheduler = app.state.scheduler
     config = uvicorn.Config(
@@ -224,33 +288,33 @@ def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
         host=options.host,
         port=options.port,
         access_log=False,  # glmkit's own access log has the token counts
-        log_config=_log_config(),
+        log_config=_log_config(options.verbose),
         # a backstop: the grace is _Server's, then a reply ends at the scheduler's next step (seconds, on a busy CPU)
         timeout_graceful_shutdown=int(options.shutdown_grace_seconds) + 5,
     )
-    server = _Server(config, app, options.shutdown_grace_seconds)
+    shown = addresses(options, sock.getsockname()[1])
+    width = max(len(name) for name, _ in shown)
+
+    def ready() -> None:
+        lines = [f"  {name:<{width}}  {url}" for name, url in shown]
+        log.info("Ready in %.1f s (%s; Ctrl-C stops it):\n%s", elapsed(), chat_model.name, "\n".join(lines))
+        if not _is_loopback(options.host) and not options.api_key:
+            log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
+
+    server = _Server(config, app, options.shutdown_grace_seconds, ready)
 
     def stop_server() -> None:
         server.should_exit = True
 
     app.state.stop_server = stop_server
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    base = f"http://{host}:{options.port}"
-    if options.api:
-        log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
-        if options.web:
-            log.info("web page at %s%s/", base, WEB_PATH)
-    elif options.web:
-        log.info("model %s: web page at %s/", chat_model.name, base)
-    if not _is_loopback(options.host) and not options.api_key:
-        log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
     # uvicorn raises SIGTERM again once it has shut down gracefully; a stop that went as asked exits 0
     # (signal handlers belong to the main thread: elsewhere, as in tests, uvicorn installs none either)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
     if scheduler.failure is not None:
