@@ -179,3 +179,43 @@ def test_a_tiny_temperature_answers_greedily():
     greedy = run("chat", "-q", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "8")
     assert tiny.returncode == 0, tiny.stderr
     assert tiny.stdout == greedy.stdout
+
+
+# -- mistakes are told before anything is downloaded, converted or loaded ----------------------------
+EARLY_MISTAKES = [
+    (["--template", "llama"], "unknown template 'llama'"),
+    (["--adapter", "/no/such/adapter"], "the adapter /no/such/adapter is not a directory"),
+    (["--ptuning-checkpoint", "/no/such/ckpt"], "the P-Tuning checkpoint /no/such/ckpt is not a directory"),
+    (["--quantize", "5"], "quantize to 4 or 8 bits, not 5"),
+    (["--source", "elsewhere"], "unknown model source 'elsewhere'"),
+    (["--dtype", "fp8"], "unknown dtype"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), EARLY_MISTAKES, ids=[a[0][0] for a in EARLY_MISTAKES])
+@pytest.mark.parametrize("verb", ["chat", "serve", "web"])
+def test_mistakes_are_told_before_the_model_is_prepared(tmp_path, verb, args, message):
+    cache = tmp_path / "cache"  # an empty glmkit cache: the demo model would be converted into it first
+    extra = ["-q", "hi"] if verb == "chat" else ["--port", "0"]
+    result = run(verb, *args, *extra, env={"GLMKIT_CACHE": str(cache)}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not cache.exists(), "the demo model was prepared before the mistake was found"
+
+
+@pytest.mark.parametrize("verb", ["serve", "web"])
+def test_a_busy_port_is_one_error_line_before_loading(tmp_path, verb):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cache = tmp_path / "cache"
+        result = run(verb, "--port", str(port), env={"GLMKIT_CACHE": str(cache)}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: port {port} on 127.0.0.1 is already in use: stop what uses it or pick --port"
+    )
+    assert not cache.exists()

@@ -229,8 +229,9 @@ def serve(
     source: SourceOption = "huggingface",
 ) -> None:
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
-    from glmkit.serve.server import ServerOptions, run_server
+    from glmkit.serve.server import ServerOptions, bind, run_server
 
+    sock = bind(host, port)  # a busy port is told now, not after the model has loaded
     chat_model = _load_chat_model(
         model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
     )
@@ -249,6 +250,7 @@ def serve(
             shutdown_grace_seconds=shutdown_grace,
             verbose=VERBOSE,
         ),
+        sock,
     )
 
 
@@ -270,8 +272,9 @@ def web(
     source: SourceOption = "huggingface",
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
-    from glmkit.serve.server import ServerOptions, run_server
+    from glmkit.serve.server import ServerOptions, bind, run_server
 
+    sock = bind(host, port)
     chat_model = _load_chat_model(
         model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
     )
@@ -286,7 +289,7 @@ def web(
         max_queue=max_queue,
         verbose=VERBOSE,
     )
-    run_server(chat_model, options)
+    run_server(chat_model, options, sock)
 
 
 data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True)

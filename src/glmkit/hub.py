@@ -10,6 +10,7 @@ from glmkit.demo_model import ensure_demo_model
 from glmkit.errors import GlmkitError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+SOURCES = ("huggingface", "modelscope")
 # never fetched: code (glmkit runs none of it) and formats glmkit does not read
 IGNORED_FILES = ["*.py", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf", "*.pt"]
 
@@ -18,6 +19,8 @@ def resolve_model(
     reference: str | Path | None = None, source: str = "huggingface", revision: str | None = None
 ) -> Path:
     """A directory holding the model.  ``None`` or ``"demo"`` is the bundled demo model."""
+    if source not in SOURCES:
+        raise GlmkitError(f"unknown model source {source!r}: use {' or '.join(SOURCES)}")
     if reference is None or str(reference) == "demo":
         return ensure_demo_model()
     path = Path(reference).expanduser()
@@ -31,8 +34,6 @@ def resolve_model(
         )
     if source == "modelscope":
         return _from_modelscope(text, revision)
-    if source != "huggingface":
-        raise GlmkitError(f"unknown model source {source!r}: use huggingface or modelscope")
     return _from_huggingface(text, revision)
 
 

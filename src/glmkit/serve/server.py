@@ -251,8 +251,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
     try:
-        sock.bind(info[0][4])
-        sock.listen(2048)
+        sock.bind(info[0][4])  # uvicorn starts listening once the model is loaded: until then, connections are refused
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
