@@ -388,3 +388,40 @@ def test_web_page_mounted_beside_the_api_behind_its_own_login(demo_chat):
 def test_server_still_answers(server, greedy_france):
     body = httpx.post(f"{server}/", json={"prompt": FRANCE, "temperature": 0}, timeout=300).json()
     assert body["response"] == greedy_france.strip()
+
+
+# -- what a browser finds -----------------------------------------------------------------------------
+HTML = {"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
+
+
+def test_a_browser_at_the_root_gets_a_page_and_post_stays_the_contract(server, greedy_france):
+    page = httpx.get(f"{server}/", headers=HTML)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for endpoint in ("/v1/chat/completions", "/v1/models", "/health", "/docs", "--web"):
+        assert endpoint in page.text
+    # an API client asking GET still learns that the contract is POST
+    error = openai_error(httpx.get(f"{server}/"), 405)
+    assert "POST" in error["message"]
+    answer = httpx.post(f"{server}/", json={"prompt": FRANCE, "history": [], "temperature": 0}, timeout=300).json()
+    assert answer["status"] == 200 and "Paris" in answer["response"]
+
+
+def test_docs_page_and_favicon_need_no_other_host(server):
+    docs = httpx.get(f"{server}/docs", headers=HTML)
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "/openapi.json" in docs.text
+    assert not re.search(r"""(src|href)=["']?https?://""", docs.text), "the page loads nothing from other hosts"
+    icon = httpx.get(f"{server}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.content.startswith(b"<svg")
+    assert "/docs" not in httpx.get(f"{server}/openapi.json").json()["paths"], "the pages are not API routes"
+
+
+def test_the_root_redirects_to_the_chat_page_and_stays_open_under_a_key(demo_chat):
+    with live_server(create_app(demo_chat, ServerOptions(web=True, api_key=KEY))) as url:
+        page = httpx.get(f"{url}/", headers=HTML)
+        assert page.status_code == 307 and page.headers["location"] == "/web/"
+        assert httpx.get(f"{url}/", headers=HTML, follow_redirects=True).status_code == 200
+        assert httpx.get(f"{url}/docs").status_code == 200
+        assert httpx.get(f"{url}/favicon.ico").status_code == 200
+        assert openai_error(httpx.post(f"{url}/", json={"prompt": "hi"}), 401)["code"] == "invalid_api_key"

@@ -100,15 +100,24 @@ class InternalErrors:
 
 
 class BearerAuth:
-    """``Authorization: Bearer KEY`` on every path but the open ones, compared in constant time."""
+    """``Authorization: Bearer KEY`` on every path but the open ones (``open_paths`` and what is under
+    them; ``open_pages`` for GET alone, exactly), compared in constant time."""
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = (), open_pages: Sequence[str] = ()
+    ) -> None:
         self.app = app
         self.key = api_key.encode()
         self.open_paths = tuple(open_paths)
+        self.open_pages = tuple(open_pages)
+
+    def _open(self, scope: Scope) -> bool:
+        if _under(scope["path"], self.open_paths):
+            return True
+        return scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in self.open_pages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or _under(scope["path"], self.open_paths):
+        if scope["type"] not in ("http", "websocket") or self._open(scope):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")

@@ -27,7 +27,7 @@ from glmkit.chat import ChatModel
 from glmkit.engine.scheduler import Scheduler
 from glmkit.errors import GlmkitError
 from glmkit.progress import elapsed
-from glmkit.serve import legacy, openai_api
+from glmkit.serve import legacy, openai_api, pages
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import install_error_handlers
 from glmkit.serve.middleware import AccessLog, BearerAuth, BodyLimit, InternalErrors, RequestBody, WebLogin
@@ -85,9 +85,9 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         finally:
             await asyncio.to_thread(scheduler.close)  # joins the worker thread: not on the event loop
 
-    # the OpenAPI description and its page belong to the API; glmkit web (the page alone) has neither
-    docs = {} if options.api else {"docs_url": None, "openapi_url": None}
-    app = FastAPI(title="glmkit", lifespan=lifespan, redoc_url=None, **docs)
+    # the OpenAPI description and its page (glmkit's own /docs) belong to the API; glmkit web has neither
+    docs = {} if options.api else {"openapi_url": None}
+    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, **docs)
     app.state.scheduler = scheduler
     app.state.on_stop = []  # what ends streams that would hold a graceful shutdown open (see _Server)
     install_error_handlers(app)
@@ -104,6 +104,7 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
     # The last middleware added runs first: the log sees everything (401s, 413s), CORS answers
     # preflights (which carry no key) before the key is checked.
     app.add_middleware(InternalErrors)
+    app.include_router(pages.router(chat_model.name, WEB_PATH if options.web else None, options.api))
     if options.api:
         backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
         app.include_router(legacy.router(backend))
@@ -114,7 +115,7 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         _mount_web(app, chat_model, scheduler, options, WEB_PATH if options.api else "/")
     if options.api and options.api_key:
         # the web page has its own login (the key as password): a browser cannot send a Bearer header
-        app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=OPEN_PATHS, open_pages=pages.PAGE_PATHS)
     # always there, with no origins when --cors is not given: Gradio then leaves CORS to it, instead of
     # answering every http://localhost:* page with credentials allowed
     app.add_middleware(
@@ -151,6 +152,7 @@ def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, option
         auth=login if options.api_key else None,
         max_file_size=options.max_body_bytes,  # the page takes no files; uploads get the API's limit
         ssr_mode=False,
+        favicon_path=str(pages.FAVICON),
         run_history=False,  # its routes would save runs to a Hugging Face bucket: calls to huggingface.co
         app_kwargs={"openapi_url": None},  # Gradio's FastAPI schema: public, and no use to the page
     )
