@@ -219,3 +219,32 @@ def test_a_busy_port_is_one_error_line_before_loading(tmp_path, verb):
         f"error: port {port} on 127.0.0.1 is already in use: stop what uses it or pick --port"
     )
     assert not cache.exists()
+
+
+# -- help texts -------------------------------------------------------------------------------------
+def test_help_shows_flags_without_values_real_defaults_and_examples():
+    for verb in ("chat", "serve", "web", "eval", "quantize", "train", "export", "env"):
+        result = run(verb, "--help", env={"COLUMNS": "200"})
+        assert result.returncode == 0, result.stderr
+        assert "<bool>" not in result.stdout and "<list[" not in result.stdout, (verb, result.stdout)
+        assert "Examples:" in result.stdout and f"glmkit {verb}" in result.stdout.split("Examples:")[1], verb
+    chat_help = run("chat", "--help", env={"COLUMNS": "200"}).stdout
+    for text in ("default 512", "default 0.8, or the checkpoint's own", "--top-p", "--top-k", "--repetition-penalty"):
+        assert text in chat_help
+
+
+def test_every_example_in_the_help_parses():
+    """Each example's verb and flags exist: parsed as the command line would be (--help ends it there)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from glmkit.cli import EXAMPLES, app
+
+    runner = CliRunner()
+    for rows in EXAMPLES.values():
+        for command, _ in rows:
+            words = shlex.split(command)
+            words = words[words.index("glmkit") :]  # after VAR=value prefixes
+            result = runner.invoke(app, [*words[1:], "--help"])
+            assert result.exit_code == 0, (command, result.output)

@@ -14,15 +14,93 @@ from typing import Annotated, Any
 import typer
 
 from glmkit import progress
+from glmkit.engine.config import GenerationConfig
 from glmkit.errors import GlmkitError
 from glmkit.train.examples import DataArgs
 
 VERBOSE = False  # --verbose, set by main_options before any command runs
+
+
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    # typer shows a flag as <bool>, as if "--web true" were taken: a flag's placeholder is empty
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+# two or three examples under each verb's --help
+EXAMPLES = {
+    "chat": [
+        ("glmkit chat", "chat with the bundled demo model"),
+        ('glmkit chat -m THUDM/chatglm3-6b --system "Answer briefly."', "a hub model, with a system prompt"),
+        ('glmkit chat -q "What is the capital of France?" --temperature 0', "one question, a greedy answer"),
+    ],
+    "serve": [
+        ("glmkit serve --web", "the API and the browser chat at http://127.0.0.1:8000/web/"),
+        ('glmkit serve -m /models/chatglm3-6b --host 0.0.0.0 --api-key "$KEY"', "reachable from the network"),
+        ("glmkit serve -m /models/chatglm3-6b --adapter out/lora --max-active 32", "a fine-tuned model, more at once"),
+    ],
+    "web": [
+        ("glmkit web", "the chat page alone, at http://127.0.0.1:7860/"),
+        ("glmkit web -m /models/CharacterGLM-6B --port 7861", "role-play with character cards"),
+    ],
+    "data inspect": [
+        ("glmkit data inspect train.json", "format, lengths, and two rows with their loss tokens marked"),
+        ("glmkit data inspect train.json -m /models/chatglm3-6b --rows 5", "as that model's template tokenizes it"),
+    ],
+    "data tokenize": [
+        ("glmkit data tokenize train.json -o tokens.jsonl", "with the demo model's tokenizer"),
+        ("glmkit data tokenize train.json -o tokens.jsonl -m /models/chatglm3-6b", "with ChatGLM3's"),
+    ],
+    "data convert": [
+        ("glmkit data convert alpaca.json train.jsonl", "JSON lines, row by row"),
+        ("glmkit data convert sharegpt.json train.jsonl --to-messages", "as {'messages': [...]} rows"),
+    ],
+    "eval": [
+        ("glmkit eval --data dev.json --output eval/ -m /models/chatglm3-6b", "greedy replies, ROUGE and BLEU-4"),
+        ("glmkit eval --data dev.json --output eval/ -m BASE --adapter out/lora", "after fine-tuning"),
+    ],
+    "quantize": [
+        ("glmkit quantize --bits 4 -m /models/chatglm3-6b -o chatglm3-int4", "INT4 in groups of 32"),
+        ("glmkit quantize --bits 8 -m /models/chatglm3-6b -o chatglm3-int8", "INT8"),
+    ],
+    "env": [("glmkit env", "paste its output into bug reports"), ("glmkit --version", "the version alone")],
+    "train": [
+        ("glmkit train --config recipes/alpaca_lora.yaml", "a recipe"),
+        ("glmkit train --config recipes/alpaca_lora.yaml --max-steps 50", "a recipe, one setting changed"),
+        ("glmkit train --model /models/chatglm3-6b --data train.json --method lora --output-dir out/lora", "flags"),
+    ],
+    "export": [
+        ("glmkit export --adapter out/lora --output merged/", "into the base model the adapter names"),
+        ("glmkit export --adapter out/lora --output merged/ -m /models/chatglm3-6b", "into another copy of it"),
+    ],
+}
+
+
+def _examples(verb: str) -> str:
+    from rich.markup import escape
+
+    lines = [f"{what[:1].upper()}{what[1:]}:\n    {command}" for command, what in EXAMPLES[verb]]
+    return escape("Examples:\n" + "\n".join(lines))
+
+
 app = typer.Typer(
     help="Run, serve and fine-tune ChatGLM-family and Hugging Face chat models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 
 ModelOption = Annotated[
@@ -34,7 +112,8 @@ DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 MaxActiveOption = Annotated[int, typer.Option(min=1, help="Requests decoded together.")]
 MaxQueueOption = Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more are turned away.")]
 CorsOption = Annotated[
-    list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); none by default.")
+    list[str] | None,
+    typer.Option(metavar="<origin>", help="Allow browser calls from this origin (repeatable); none by default."),
 ]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
 QuantizeOption = Annotated[
@@ -43,6 +122,32 @@ QuantizeOption = Annotated[
 AdapterOption = Annotated[
     Path | None, typer.Option(help="What glmkit train wrote: a LoRA adapter or a P-Tuning v2 checkpoint directory.")
 ]
+_DEFAULTS = GenerationConfig()
+MaxNewTokensOption = Annotated[
+    int | None,
+    typer.Option(min=1, help=f"Most tokens in one reply; default {_DEFAULTS.max_new_tokens}, or the checkpoint's own."),
+]
+MaxLengthOption = Annotated[
+    int | None, typer.Option(min=1, help="Most tokens of prompt and reply together (the ChatGLM convention).")
+]
+TemperatureOption = Annotated[
+    float | None,
+    typer.Option(min=0, help=f"0 means greedy; default {_DEFAULTS.temperature}, or the checkpoint's own."),
+]
+TopPOption = Annotated[
+    float | None,
+    typer.Option(min=0, max=1, help=f"Sample from the smallest set of tokens this likely; default {_DEFAULTS.top_p}."),
+]
+TopKOption = Annotated[
+    int | None, typer.Option(min=0, help=f"Sample from this many likeliest tokens, 0 = all; default {_DEFAULTS.top_k}.")
+]
+RepetitionPenaltyOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01, help=f"Above 1 makes repeating earlier tokens less likely; default {_DEFAULTS.repetition_penalty}."
+    ),
+]
+SeedOption = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 TemplateOption = Annotated[
     str | None, typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm); default: detected.")
 ]
@@ -123,7 +228,7 @@ def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpu
     )
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("chat"))
 def chat(
     model: ModelOption = None,
     query: Annotated[str | None, typer.Option("--query", "-q", help="Answer this one question and exit.")] = None,
@@ -131,14 +236,16 @@ def chat(
     character: Annotated[
         Path | None, typer.Option(help="CharacterGLM card: JSON with bot_name, user_name, bot_info, user_info.")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens in one reply.")] = None,
-    max_length: Annotated[int | None, typer.Option(min=1, help="Most tokens of prompt and reply together.")] = None,
-    temperature: Annotated[float | None, typer.Option(min=0, help="0 means greedy.")] = None,
-    top_p: Annotated[float | None, typer.Option(min=0, max=1)] = None,
-    top_k: Annotated[int | None, typer.Option(min=0)] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop the reply at this text (repeatable).")] = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    max_length: MaxLengthOption = None,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(metavar="<text>", help="Stop the reply at this text (repeatable).")
+    ] = None,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     adapter: AdapterOption = None,
@@ -150,7 +257,6 @@ def chat(
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
     from glmkit.chat import check_text
-    from glmkit.engine import GenerationConfig
     from glmkit.repl import run_repl, stream_answer
     from glmkit.templates.characterglm import read_card
 
@@ -197,7 +303,7 @@ def chat(
     )
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("serve"))
 def serve(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = (
@@ -254,7 +360,7 @@ def serve(
     )
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("web"))
 def web(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -292,7 +398,7 @@ def web(
     run_server(chat_model, options, sock)
 
 
-data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True, cls=_Group)
 app.add_typer(data_app, name="data")
 DataFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON, JSON lines or CSV data file.")]
 
@@ -306,7 +412,7 @@ def _tokenize_file(file: Path, model: str | None, source: str, data_args: DataAr
     return examples, tokenizer, template, tokenize_examples(examples, tokenizer, template, data_args)
 
 
-@data_app.command("inspect")
+@data_app.command("inspect", cls=_Command, epilog=_examples("data inspect"))
 @with_options(DataArgs, "data_args")
 def data_inspect(
     file: DataFile,
@@ -325,7 +431,7 @@ def data_inspect(
     print_inspection(Console(), str(file), examples, tokenized, tokenizer, template.name, data_args, shown=rows)
 
 
-@data_app.command("tokenize")
+@data_app.command("tokenize", cls=_Command, epilog=_examples("data tokenize"))
 @with_options(DataArgs, "data_args")
 def data_tokenize(
     file: DataFile,
@@ -347,7 +453,7 @@ def data_tokenize(
     )
 
 
-@data_app.command("convert")
+@data_app.command("convert", cls=_Command, epilog=_examples("data convert"))
 @with_options(DataArgs, "data_args")
 def data_convert(
     file: DataFile,
@@ -365,7 +471,7 @@ def data_convert(
     typer.echo(f"{output}: {count} rows ({fmt})")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command, epilog=_examples("eval"))
 @with_options(DataArgs, "data_args")
 def eval_command(
     data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Data file with the reference replies.")],
@@ -375,10 +481,10 @@ def eval_command(
         int | None, typer.Option(min=1, help="Most tokens in one reply; default: --max-target-length.")
     ] = None,
     temperature: Annotated[float | None, typer.Option(min=0, help="Above 0 samples; default 0 (greedy).")] = None,
-    top_p: Annotated[float | None, typer.Option(min=0, max=1)] = None,
-    top_k: Annotated[int | None, typer.Option(min=0)] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows generated together.")] = 8,
     adapter: AdapterOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
@@ -415,7 +521,7 @@ def eval_command(
     typer.echo(f"wrote {output / METRICS_FILE} and {output / PREDICTIONS_FILE}")
 
 
-@app.command("quantize")
+@app.command("quantize", cls=_Command, epilog=_examples("quantize"))
 def quantize_checkpoint(
     bits: Annotated[int, typer.Option(help="8 (INT8 per output channel) or 4 (INT4 in groups).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="New directory for the quantized checkpoint.")],
@@ -433,7 +539,7 @@ def quantize_checkpoint(
     typer.echo(f"wrote {written} (INT{bits}); load it with: glmkit chat --model {written}")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("env"))
 def env() -> None:
     """Versions and devices, for bug reports."""
     import torch
@@ -461,7 +567,9 @@ def env() -> None:
         typer.echo(f"{key:<{width}}  {value}")
 
 
-@app.command("train", context_settings={"help_option_names": ["--help", "-h"]})
+@app.command(
+    "train", cls=_Command, epilog=_examples("train"), context_settings={"help_option_names": ["--help", "-h"]}
+)
 def train_command(**values: Any) -> None:
     """Fine-tune a model: LoRA, P-Tuning v2, freeze or full (flags or --config run.yaml; flags win)."""
     from glmkit.train.commands import run_train
@@ -472,7 +580,7 @@ def train_command(**values: Any) -> None:
 train_command.__signature__ = _train_signature()  # the flags come from the settings dataclasses
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("export"))
 def export(
     adapter: Annotated[Path, typer.Option(help="LoRA adapter directory (from glmkit train).")],
     output: Annotated[Path, typer.Option(help="Where the merged model goes (a new directory).")],
