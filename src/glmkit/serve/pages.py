@@ -69,7 +69,7 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
       const body = ((op.requestBody || {}).content || {})['application/json'];
       if (body) {
         const schema = resolve(body.schema);
-        out += `<details open><summary>Request body: ${esc(schema.title || '')}</summary>${json(schema)}</details>`;
+        out += `<details><summary>Request body: ${esc(schema.title || '')}</summary>${json(schema)}</details>`;
       }
       const codes = Object.entries(op.responses || {})
         .map(([code, r]) => `<li><code>${code}</code> ${esc(r.description)}</li>`);

@@ -147,12 +147,14 @@ def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, option
 
     gradio.mount_gradio_app(
         app,
-        build_web(chat_model, scheduler),
+        build_web(chat_model, scheduler, api_docs="/docs" if options.api else None),
         path=path,
         auth=login if options.api_key else None,
+        auth_message="Any user name works; the password is the server's API key (--api-key).",
+        footer_links=["settings"],  # not Gradio's own API page: the footer links glmkit's HTTP API instead
         max_file_size=options.max_body_bytes,  # the page takes no files; uploads get the API's limit
         ssr_mode=False,
-        favicon_path=str(pages.FAVICON),
+        favicon_path=str(pages.FAVICON) if path == "/" else None,  # under /web, the server's own /favicon.ico
         run_history=False,  # its routes would save runs to a Hugging Face bucket: calls to huggingface.co
         app_kwargs={"openapi_url": None},  # Gradio's FastAPI schema: public, and no use to the page
     )
