@@ -204,21 +204,12 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
             # CharacterGLM takes no system message: its card describes the roles instead
             system = gr.Textbox(label="System prompt", lines=2, visible=not is_character, elem_id="system")
             with gr.Row():
-                max_length = gr.Slider(
-                    1,
-                    context,
-                    value=min(defaults.max_length or context, context),
-                    step=1,
-                    label="Max length (prompt + reply)",
-                    elem_id="max_length",
-                )
-                max_new_tokens = gr.Slider(
-                    1,
-                    context,
-                    value=min(defaults.max_new_tokens or context, context),
-                    step=1,
-                    label="Max new tokens (reply)",
-                    elem_id="max_new_tokens",
+                max_length, max_new_tokens = (
+                    gr.Slider(1, context, value=min(default or context, context), step=1, label=label, elem_id=name)
+                    for name, label, default in (
+                        ("max_length", "Max length (prompt + reply)", defaults.max_length),
+                        ("max_new_tokens", "Max new tokens (reply)", defaults.max_new_tokens),
+                    )
                 )
                 top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.01, label="Top p", elem_id="top_p")
                 temperature = gr.Slider(
