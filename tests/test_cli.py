@@ -72,6 +72,8 @@ def test_repl_clear_stop_and_ctrl_c(tmp_path):
     child.logfile_read = (tmp_path / "repl.log").open("w")
     try:
         child.expect("'clear' empties the history")
+        child.expect("Ctrl-C cuts a reply short")
+        child.expect("Ctrl-D quits")
         child.expect("You: ")
         child.sendline("What is the capital of France?")
         child.expect("Paris")
@@ -80,7 +82,7 @@ def test_repl_clear_stop_and_ctrl_c(tmp_path):
         child.sendline("Write a very long essay about the history of Europe, with many details.")
         child.expect("SmolLM2|Instruct")  # the reply has started
         child.sendintr()
-        child.expect(r"\[answer stopped\]")
+        child.expect(r"\[answer stopped: kept in the conversation\]")
         child.expect("You: ")
         child.sendline("And of Germany?")
         child.expect("Berlin")  # follows from the first turn: the history survived
@@ -248,3 +250,36 @@ def test_every_example_in_the_help_parses():
             words = words[words.index("glmkit") :]  # after VAR=value prefixes
             result = runner.invoke(app, [*words[1:], "--help"])
             assert result.exit_code == 0, (command, result.output)
+
+
+class _Terminal:
+    """Standard output as the REPL writes to it; Ctrl-C arrives after ``interrupt_after`` writes."""
+
+    def __init__(self, interrupt_after: int) -> None:
+        self.text, self.left = "", interrupt_after
+
+    def write(self, text: str) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_ctrl_c_keeps_the_question_and_the_partial_answer(demo_chat):
+    from glmkit.repl import CUT_MARK, stream_answer
+
+    terminal = _Terminal(interrupt_after=6)
+    story = "Write a very long essay about the history of Europe."
+    response, history = stream_answer(
+        demo_chat, story, [], terminal, keep_cut=True, temperature=0, max_new_tokens=200
+    )
+    assert terminal.text.endswith(f"\n{CUT_MARK}\n")
+    assert len(history) == 1 and history[0][0] == story
+    assert history[0][1] == response and response.startswith(terminal.text.split("\n")[0]) and response
+    whole, _ = demo_chat.chat(story, [], temperature=0, max_new_tokens=200)
+    assert whole.startswith(response) and len(response) < len(whole)  # cut, not finished
+    with pytest.raises(KeyboardInterrupt):  # without keep_cut (one question, -q) Ctrl-C ends the command
+        stream_answer(demo_chat, story, [], _Terminal(interrupt_after=3), temperature=0)
