@@ -193,6 +193,7 @@ def test_16_concurrent_streaming_clients_get_the_single_client_answer(client, gr
 # -- client mistakes --------------------------------------------------------------------------------
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
+BAD_ARGUMENTS = {"name": "f", "arguments": "{"}
 BAD_REQUESTS = [
     # (path, body: bytes or JSON, status, param or None, code or None)
     (CHAT, b'{"messages": [', 400, None, None),
@@ -216,7 +217,17 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "seed": "1"}, 400, "seed", None),
     (CHAT, {"messages": USER, "n": 2}, 400, "n", None),
     (CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs", None),
-    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", None),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools.0.function", None),
+    (CHAT, {"messages": USER, "tools": [{"type": "code", "function": {"name": "f"}}]}, 400, "tools.0.type", None),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", None),
+    (CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, None, None),
+    (
+        CHAT,
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": BAD_ARGUMENTS}]}]},
+        400,
+        "messages.0.tool_calls.0.function.arguments",
+        None,
+    ),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", None),
     (CHAT, {"messages": USER, "character": {"bot_name": "A"}}, 400, "character.user_name", None),
     (CHAT, {"messages": USER, "character": {"bot_name": "A", "user_name": "B"}}, 400, "messages", None),
