@@ -283,3 +283,63 @@ def test_ctrl_c_keeps_the_question_and_the_partial_answer(demo_chat):
     assert whole.startswith(response) and len(response) < len(whole)  # cut, not finished
     with pytest.raises(KeyboardInterrupt):  # without keep_cut (one question, -q) Ctrl-C ends the command
         stream_answer(demo_chat, story, [], _Terminal(interrupt_after=3), temperature=0)
+
+
+# -- configuration without long command lines ---------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_reads_a_config_file_and_env_vars_and_flags_win(tmp_path):
+    import time
+
+    import httpx
+
+    from glmkit.demo_model import demo_model_dir
+
+    file_port, flag_port = _free_port(), _free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"port: {file_port}\nweb: true\nmax_active: 1\nmax_queue: 0\nhost: 0.0.0.0\n", encoding="utf-8")
+    env = {**os.environ, "GLMKIT_MODEL": str(demo_model_dir()), "GLMKIT_HOST": "127.0.0.1"}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [*GLMKIT, "serve", "--config", str(config), "--port", str(flag_port)], env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{flag_port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == str(demo_model_dir())  # GLMKIT_MODEL
+        assert httpx.get(f"{url}/web/", timeout=30).status_code == 200  # web: true from the file
+        text = (tmp_path / "serve.log").read_text()
+        assert f"http://127.0.0.1:{flag_port}/web/" in text and "listening on 0.0.0.0" not in text  # env won
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_a_bad_config_file_is_one_error_line(tmp_path):
+    config = tmp_path / "serve.yaml"
+    for content, message in [
+        ("max_active: 0\n", "serve.yaml: max_active:"),
+        ("nope: 1\n", "unknown settings nope"),
+        ("- a list\n", "must hold a mapping"),
+    ]:
+        config.write_text(content, encoding="utf-8")
+        result = run("serve", "--config", str(config), env={"GLMKIT_CACHE": str(tmp_path / "cache")}, timeout=60)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "cache").exists()

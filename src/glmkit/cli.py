@@ -49,7 +49,7 @@ EXAMPLES = {
     "serve": [
         ("glmkit serve --web", "the API and the browser chat at http://127.0.0.1:8000/web/"),
         ('glmkit serve -m /models/chatglm3-6b --host 0.0.0.0 --api-key "$KEY"', "reachable from the network"),
-        ("glmkit serve -m /models/chatglm3-6b --adapter out/lora --max-active 32", "a fine-tuned model, more at once"),
+        ("glmkit serve --config serve.yaml --port 9000", "settings from a file, one of them overridden"),
     ],
     "web": [
         ("glmkit web", "the chat page alone, at http://127.0.0.1:7860/"),
@@ -104,8 +104,15 @@ app = typer.Typer(
 )
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model directory or hub id; default: the bundled demo model.")
+    str | None,
+    typer.Option(
+        "--model", "-m", envvar="GLMKIT_MODEL", help="Model directory or hub id; default: the bundled demo model."
+    ),
 ]
+HostOption = Annotated[
+    str, typer.Option(envvar="GLMKIT_HOST", help="Address to bind; 0.0.0.0 exposes the server to the network.")
+]
+PortOption = Annotated[int, typer.Option(min=0, max=65535, envvar="GLMKIT_PORT", help="Port to listen on.")]
 SourceOption = Annotated[str, typer.Option(help="Where hub ids come from: huggingface or modelscope.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
@@ -305,11 +312,14 @@ def chat(
 
 @app.command(cls=_Command, epilog=_examples("serve"))
 def serve(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML file with the same keys as these flags (max_active: 32, ...); flags override it."),
+    ] = None,
     model: ModelOption = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="GLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health."),
@@ -337,34 +347,66 @@ def serve(
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
     from glmkit.serve.server import ServerOptions, bind, run_server
 
-    sock = bind(host, port)  # a busy port is told now, not after the model has loaded
+    given = _with_config_file(ctx, config)
+    sock = bind(given["host"], given["port"])  # a busy port is told now, not after the model has loaded
     chat_model = _load_chat_model(
-        model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
+        given["model"],
+        given["template"],
+        given["ptuning_checkpoint"],
+        given["device"],
+        given["dtype"],
+        given["num_gpus"],
+        given["source"],
+        quantize=given["quantize"],
+        adapter=given["adapter"],
     )
     run_server(
         chat_model,
         ServerOptions(
-            host=host,
-            port=port,
-            api_key=api_key or None,
-            cors_origins=list(cors or []),
-            web=web,
-            log_prompts=log_prompts,
-            max_active=max_active,
-            max_queue=max_queue,
-            max_model_len=max_model_len,
-            shutdown_grace_seconds=shutdown_grace,
+            host=given["host"],
+            port=given["port"],
+            api_key=given["api_key"] or None,
+            cors_origins=list(given["cors"] or []),
+            web=given["web"],
+            log_prompts=given["log_prompts"],
+            max_active=given["max_active"],
+            max_queue=given["max_queue"],
+            max_model_len=given["max_model_len"],
+            shutdown_grace_seconds=given["shutdown_grace"],
             verbose=VERBOSE,
         ),
         sock,
     )
 
 
+def _with_config_file(ctx: typer.Context, path: Path | None) -> dict[str, Any]:
+    """The command's values, with those of the YAML file ``path`` where neither a flag nor an environment
+    variable set them; a file value is checked as the flag's would be."""
+    from glmkit.train.args import read_config_file
+
+    values = dict(ctx.params)
+    if path is None:
+        return values
+    params = {param.name: param for param in ctx.command.params if param.name != "config"}
+    file_values = read_config_file(path)
+    unknown = sorted(set(file_values) - set(params))
+    if unknown:
+        raise GlmkitError(f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(params))}")
+    for name, value in file_values.items():
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            try:
+                values[name] = params[name].process_value(ctx, value)
+            except typer.BadParameter as exc:
+                raise GlmkitError(f"{path}: {name}: {exc.message}") from None
+    return values
+
+
 @app.command(cls=_Command, epilog=_examples("web"))
 def web(
     model: ModelOption = None,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 7860,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 7860,
     cors: CorsOption = None,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
