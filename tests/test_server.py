@@ -183,6 +183,23 @@ def test_roles_map_to_the_template_and_harmless_fields_are_ignored(server, demo_
     assert body["usage"]["completion_tokens"] == 1
 
 
+def test_a_tool_call_in_the_history_of_a_model_without_tool_turns_is_text(server, demo_chat):
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "4", "tool_call_id": "c1"},
+    ]
+    body = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=300)
+    assert body.status_code == 200, body.text
+    as_text = [
+        messages[0],
+        {"role": "assistant", "content": '{"name": "add", "parameters": {"a": 2, "b": 2}}'},
+        {"role": "observation", "content": "4"},
+    ]
+    assert body.json()["usage"]["prompt_tokens"] == len(demo_chat.encode(as_text))
+
+
 def test_16_concurrent_streaming_clients_get_the_single_client_answer(client, greedy_france):
     messages = [{"role": "user", "content": FRANCE}]
     with ThreadPoolExecutor(16) as pool:
@@ -194,6 +211,7 @@ def test_16_concurrent_streaming_clients_get_the_single_client_answer(client, gr
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 BAD_ARGUMENTS = {"name": "f", "arguments": "{"}
+F = {"name": "f"}
 BAD_REQUESTS = [
     # (path, body: bytes or JSON, status, param or None, code or None)
     (CHAT, b'{"messages": [', 400, None, None),
@@ -220,6 +238,7 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools.0.function", None),
     (CHAT, {"messages": USER, "tools": [{"type": "code", "function": {"name": "f"}}]}, 400, "tools.0.type", None),
     (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", None),
+    (CHAT, {"messages": [{"role": "user", "content": "", "tool_calls": [{"function": F}]}]}, 400, "messages.0", None),
     (CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, None, None),
     (
         CHAT,

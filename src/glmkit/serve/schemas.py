@@ -133,6 +133,12 @@ class ChatMessage(BaseModel):
             return "".join(texts)
         return value
 
+    @model_validator(mode="after")
+    def _calls_are_the_assistants(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "only an assistant message carries tool_calls")
+        return self
+
     def to_template(self) -> list[Message]:
         """The template's messages: one, or for an assistant turn with tool calls its text (if any) and
         one message per call, whose content is a parsed tool call (``{"name", "parameters"}``, the shape
