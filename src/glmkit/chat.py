@@ -228,11 +228,14 @@ def load(
     chosen = forced or get_template(detect_template(model_dir, config))
     saved = _read_generation_config(model_dir)
     try:
-        defaults = GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved})
+        family = getattr(chosen, "generation_defaults", {})
+        defaults = GenerationConfig().updated(**(family | {k: saved[k] for k in _GENERATION_FIELDS if k in saved}))
     except GlmkitError as exc:
         raise GlmkitError(f"{model_dir / 'generation_config.json'}: {exc}") from None
     name = str(model) if model is not None else DEMO_MODEL_NAME
-    reporter().say(f"Loading {name} on {torch_device} as {str(torch_dtype).removeprefix('torch.')}…")
+    count = torch.get_num_threads()
+    threads = f" ({count} CPU thread{'s' * (count != 1)})" if torch_device.type == "cpu" else ""
+    reporter().say(f"Loading {name} on {torch_device} as {str(torch_dtype).removeprefix('torch.')}{threads}…")
     network = load_model(
         model_dir,
         dtype=torch_dtype,
