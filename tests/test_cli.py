@@ -343,3 +343,28 @@ def test_a_bad_config_file_is_one_error_line(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_threads_flag_and_the_servers_default(tmp_path):
+    """The loading line on a terminal names the CPU threads: --threads, else torch's default for chat."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "glmkit", "chat", "-q", "Hi", "--max-new-tokens", "1", "--threads", "1"],
+        encoding="utf-8",
+        timeout=120,
+        env={**os.environ, "TERM": "xterm"},
+    )
+    child.expect(r"Loading SmolLM2-135M-Instruct on cpu as float32 \(1 CPU thread\)…")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert run("chat", "--threads", "0", "-q", "hi").returncode == 2
+    half = max(1, (os.cpu_count() or 1) // 2)
+    server = pexpect.spawn(
+        sys.executable, ["-m", "glmkit", "serve", "--port", "0"], encoding="utf-8", timeout=120, env=os.environ
+    )
+    try:
+        server.expect(rf"on cpu as float32 \({half} CPU thread")
+        server.expect("Ready in")
+    finally:
+        server.terminate(force=True)
