@@ -225,7 +225,7 @@ def test_a_busy_port_is_one_error_line_before_loading(tmp_path, verb):
 
 # -- help texts -------------------------------------------------------------------------------------
 def test_help_shows_flags_without_values_real_defaults_and_examples():
-    for verb in ("chat", "serve", "web", "eval", "quantize", "train", "export", "env"):
+    for verb in ("chat", "serve", "web", "eval", "quantize", "train", "export", "env", "download", "models"):
         result = run(verb, "--help", env={"COLUMNS": "200"})
         assert result.returncode == 0, result.stderr
         assert "<bool>" not in result.stdout and "<list[" not in result.stdout, (verb, result.stdout)

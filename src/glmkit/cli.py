@@ -55,6 +55,11 @@ EXAMPLES = {
         ("glmkit web", "the chat page alone, at http://127.0.0.1:7860/"),
         ("glmkit web -m /models/CharacterGLM-6B --port 7861", "role-play with character cards"),
     ],
+    "download": [
+        ("glmkit download THUDM/chatglm3-6b", "into the Hugging Face cache, resuming a broken download"),
+        ("glmkit download ZhipuAI/chatglm3-6b --source modelscope", "from ModelScope"),
+    ],
+    "models": [("glmkit models", "what is cached, with sizes"), ("HF_HOME=/data/hf glmkit models", "another cache")],
     "data inspect": [
         ("glmkit data inspect train.json", "format, lengths, and two rows with their loss tokens marked"),
         ("glmkit data inspect train.json -m /models/chatglm3-6b --rows 5", "as that model's template tokenizes it"),
@@ -584,6 +589,33 @@ def eval_command(
     metrics = evaluate(chat_model, examples, data_args, config, output, batch_size=batch_size)
     typer.echo(", ".join(f"{key} {round(value, 4)}" for key, value in metrics.items()))
     typer.echo(f"wrote {output / METRICS_FILE} and {output / PREDICTIONS_FILE}")
+
+
+@app.command(cls=_Command, epilog=_examples("download"))
+def download(
+    model: Annotated[str, typer.Argument(help="Hub id (owner/name); 'demo' prepares the bundled demo model.")],
+    source: SourceOption = "huggingface",
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit; default: the main branch.")] = None,
+) -> None:
+    """Fetch a checkpoint into the cache (with progress; a broken download resumes), without loading it."""
+    from glmkit.hub import resolve_model
+
+    folder = resolve_model(model, source=source, revision=revision)
+    typer.echo(f"{model}: {folder}")
+
+
+@app.command(cls=_Command, epilog=_examples("models"))
+def models() -> None:
+    """The models in the caches (demo, Hugging Face, ModelScope), with their sizes on disk."""
+    from glmkit.hub import cached_models
+
+    found = cached_models()
+    if not found:
+        typer.echo("no models cached yet: glmkit download OWNER/NAME fetches one")
+        return
+    width = max(len(name) for name, *_ in found)
+    for name, where, size, path in found:
+        typer.echo(f"{name:<{width}}  {where:<11}  {size / 1e6:>9.1f} MB  {path}")
 
 
 @app.command("quantize", cls=_Command, epilog=_examples("quantize"))
