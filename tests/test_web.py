@@ -291,7 +291,8 @@ def test_chat_streams_keeps_history_and_clears(web_server, page):
     answer = messages(page, "bot")[-1]
     assert "Paris" in answer
     states = page.evaluate("window.replyStates")
-    partial = [s for s in states if s.strip() and s.strip() != answer.strip()]
+    assert states[0] == "typing…", states  # the indicator until the first token, then the reply
+    partial = [s for s in states[1:] if s.strip() and s.strip() != answer.strip()]
     assert partial, f"no partial reply was shown before the whole one: {states}"
     assert all(answer.startswith(s.strip()) for s in partial), states
     assert messages(page, "user") == [QUESTION]
