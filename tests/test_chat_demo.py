@@ -85,3 +85,16 @@ def test_bad_history_is_a_clear_error(demo_chat, history):
 def test_prompt_longer_than_context_is_a_clear_error(demo_chat):
     with pytest.raises(GlmkitError, match="context window"):
         demo_chat.chat("word " * 9000)
+
+
+def test_the_readmes_stream_chat_example_prints_the_reply_once(demo_chat, capsys):
+    """README's loop over stream_chat prints only what is new at each step: the reply, once."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index('shown = ""\nfor response, history in chat.stream_chat(')
+    snippet = readme[start : readme.index("print()\n", start) + len("print()\n")]
+    scope = {"chat": demo_chat, "history": []}
+    exec(snippet, scope)  # the documented code, as a user pastes it
+    printed = capsys.readouterr().out
+    assert printed == scope["response"] + "\n" and scope["response"]

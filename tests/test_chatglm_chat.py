@@ -118,3 +118,22 @@ def test_character_card_in_the_terminal(v3, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "user_name" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_characterglm_samples_as_its_official_chat(v3, tmp_path):
+    """temperature 0.9, top-p 0.9, top-k 100, repetition penalty 1.3, a newline ends the turn; values
+    the checkpoint's generation_config.json names still win."""
+    model = glmkit.load(v3, device="cpu", dtype="fp32", template="characterglm")
+    config = model.generation_config
+    assert (config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (0.9, 0.9, 100, 1.3)
+    assert model.tokenizer.convert_tokens_to_ids("<0x0A>") in model.engine.stop_token_ids
+    other = glmkit.load(v3, device="cpu", dtype="fp32")  # the ChatGLM3 template keeps glmkit's defaults
+    assert (other.generation_config.top_k, other.generation_config.repetition_penalty) == (0, 1.0)
+    own = tmp_path / "own"
+    own.mkdir()
+    for f in v3.iterdir():
+        if f.name != "generation_config.json":
+            (own / f.name).symlink_to(f.resolve())
+    (own / "generation_config.json").write_text('{"temperature": 0.5}', encoding="utf-8")
+    tuned = glmkit.load(own, device="cpu", dtype="fp32", template="characterglm").generation_config
+    assert (tuned.temperature, tuned.top_k) == (0.5, 100)

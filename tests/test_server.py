@@ -183,6 +183,23 @@ def test_roles_map_to_the_template_and_harmless_fields_are_ignored(server, demo_
     assert body["usage"]["completion_tokens"] == 1
 
 
+def test_a_tool_call_in_the_history_of_a_model_without_tool_turns_is_text(server, demo_chat):
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "4", "tool_call_id": "c1"},
+    ]
+    body = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=300)
+    assert body.status_code == 200, body.text
+    as_text = [
+        messages[0],
+        {"role": "assistant", "content": '{"name": "add", "parameters": {"a": 2, "b": 2}}'},
+        {"role": "observation", "content": "4"},
+    ]
+    assert body.json()["usage"]["prompt_tokens"] == len(demo_chat.encode(as_text))
+
+
 def test_16_concurrent_streaming_clients_get_the_single_client_answer(client, greedy_france):
     messages = [{"role": "user", "content": FRANCE}]
     with ThreadPoolExecutor(16) as pool:
@@ -193,6 +210,8 @@ def test_16_concurrent_streaming_clients_get_the_single_client_answer(client, gr
 # -- client mistakes --------------------------------------------------------------------------------
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
+BAD_ARGUMENTS = {"name": "f", "arguments": "{"}
+F = {"name": "f"}
 BAD_REQUESTS = [
     # (path, body: bytes or JSON, status, param or None, code or None)
     (CHAT, b'{"messages": [', 400, None, None),
@@ -216,7 +235,18 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "seed": "1"}, 400, "seed", None),
     (CHAT, {"messages": USER, "n": 2}, 400, "n", None),
     (CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs", None),
-    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", None),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools.0.function", None),
+    (CHAT, {"messages": USER, "tools": [{"type": "code", "function": {"name": "f"}}]}, 400, "tools.0.type", None),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", None),
+    (CHAT, {"messages": [{"role": "user", "content": "", "tool_calls": [{"function": F}]}]}, 400, "messages.0", None),
+    (CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, None, None),
+    (
+        CHAT,
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": BAD_ARGUMENTS}]}]},
+        400,
+        "messages.0.tool_calls.0.function.arguments",
+        None,
+    ),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", None),
     (CHAT, {"messages": USER, "character": {"bot_name": "A"}}, 400, "character.user_name", None),
     (CHAT, {"messages": USER, "character": {"bot_name": "A", "user_name": "B"}}, 400, "messages", None),
@@ -388,3 +418,40 @@ def test_web_page_mounted_beside_the_api_behind_its_own_login(demo_chat):
 def test_server_still_answers(server, greedy_france):
     body = httpx.post(f"{server}/", json={"prompt": FRANCE, "temperature": 0}, timeout=300).json()
     assert body["response"] == greedy_france.strip()
+
+
+# -- what a browser finds -----------------------------------------------------------------------------
+HTML = {"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
+
+
+def test_a_browser_at_the_root_gets_a_page_and_post_stays_the_contract(server, greedy_france):
+    page = httpx.get(f"{server}/", headers=HTML)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for endpoint in ("/v1/chat/completions", "/v1/models", "/health", "/docs", "--web"):
+        assert endpoint in page.text
+    # an API client asking GET still learns that the contract is POST
+    error = openai_error(httpx.get(f"{server}/"), 405)
+    assert "POST" in error["message"]
+    answer = httpx.post(f"{server}/", json={"prompt": FRANCE, "history": [], "temperature": 0}, timeout=300).json()
+    assert answer["status"] == 200 and "Paris" in answer["response"]
+
+
+def test_docs_page_and_favicon_need_no_other_host(server):
+    docs = httpx.get(f"{server}/docs", headers=HTML)
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "/openapi.json" in docs.text
+    assert not re.search(r"""(src|href)=["']?https?://""", docs.text), "the page loads nothing from other hosts"
+    icon = httpx.get(f"{server}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.content.startswith(b"<svg")
+    assert "/docs" not in httpx.get(f"{server}/openapi.json").json()["paths"], "the pages are not API routes"
+
+
+def test_the_root_redirects_to_the_chat_page_and_stays_open_under_a_key(demo_chat):
+    with live_server(create_app(demo_chat, ServerOptions(web=True, api_key=KEY))) as url:
+        page = httpx.get(f"{url}/", headers=HTML)
+        assert page.status_code == 307 and page.headers["location"] == "/web/"
+        assert httpx.get(f"{url}/", headers=HTML, follow_redirects=True).status_code == 200
+        assert httpx.get(f"{url}/docs").status_code == 200
+        assert httpx.get(f"{url}/favicon.ico").status_code == 200
+        assert openai_error(httpx.post(f"{url}/", json={"prompt": "hi"}), 401)["code"] == "invalid_api_key"

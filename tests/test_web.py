@@ -170,10 +170,12 @@ class ScriptedScheduler:
         self.reply: str | Exception = "ok"
         self.pause = 0.01  # seconds between pieces
         self.prompts: list[list[int]] = []
+        self.configs: list[GenerationConfig] = []
         self.ended = 0  # streams that are over, finished or cancelled
 
     async def stream(self, prompt_ids: list[int], config: GenerationConfig) -> AsyncIterator[Chunk]:
         self.prompts.append(prompt_ids)
+        self.configs.append(config)
         try:
             if isinstance(self.reply, Exception):
                 raise self.reply
@@ -289,7 +291,8 @@ def test_chat_streams_keeps_history_and_clears(web_server, page):
     answer = messages(page, "bot")[-1]
     assert "Paris" in answer
     states = page.evaluate("window.replyStates")
-    partial = [s for s in states if s.strip() and s.strip() != answer.strip()]
+    assert states[0] == "typing…", states  # the indicator until the first token, then the reply
+    partial = [s for s in states[1:] if s.strip() and s.strip() != answer.strip()]
     assert partial, f"no partial reply was shown before the whole one: {states}"
     assert all(answer.startswith(s.strip()) for s in partial), states
     assert messages(page, "user") == [QUESTION]
@@ -450,7 +453,8 @@ def join(client: httpx.Client, page: str, message: str, session: str, **settings
     """What the page posts when a message is sent: its 'respond' event, with the sliders' values."""
     config = client.get(f"{page}/config").json()
     respond = next(d for d in config["dependencies"] if d["api_name"] == "respond")
-    sliders = [settings.get("max_length", 2048), 0.7, settings.get("temperature", 0)]
+    max_length = settings.get("max_length", 2048)
+    sliders = [max_length, settings.get("max_new_tokens", max_length), 0.7, settings.get("temperature", 0)]
     body = {
         "data": [message, [], "", *sliders, *[""] * len(CARD_FIELDS)],
         "fn_index": respond["id"],
@@ -701,3 +705,90 @@ def test_glmkit_web_stops_gracefully_on_sigterm(demo_chat, tmp_path):
     assert any(isinstance(e, dict) and "shutting down" in e.get("log", "") for e in cut), (cut[-3:], text)
     assert "Traceback" not in text and "ERROR" not in text, text
     assert "Application shutdown complete" in text
+
+
+# -- the page as a newcomer meets it -------------------------------------------------------------------
+@needs_chromium
+def test_header_examples_and_a_max_new_tokens_setting_of_its_own(mounted, demo_chat, page):
+    base, scripted, _ = mounted
+    open_chat(page, f"{base}/scripted/")
+    header = page.locator("#header").inner_text()
+    assert "glmkit" in header and demo_chat.name in header and "cpu" in header and "float32" in header
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#header").screenshot(path=str(ARTIFACTS / "web-header.png"))
+    # the reply's own limit defaults as the CLI's does, apart from the prompt + reply limit
+    assert page.locator("#max_new_tokens input[type=number]").input_value() == str(GenerationConfig().max_new_tokens)
+    assert page.locator("#max_length input[type=number]").input_value() != "512"
+    set_number(page, "max_new_tokens", "7")
+    page.locator("#examples").get_by_text("Write a haiku about the sea.").click()  # an example fills the box
+    page.wait_for_function("document.querySelector('#message textarea').value === 'Write a haiku about the sea.'")
+    scripted.reply = "ok"
+    page.press("#message textarea", "Enter")
+    page.wait_for_selector(CHAT_IDLE, state="attached")
+    assert scripted.configs[-1].max_new_tokens == 7
+    assert messages(page, "user")[-1] == "Write a haiku about the sea."
+    assert page.outside == []
+
+
+@needs_chromium
+def test_a_typing_indicator_shows_until_the_first_token(mounted, page):
+    base, scripted, _ = mounted
+    scripted.reply, scripted.pause = "Here it is.", 3  # three seconds before the first piece
+    open_chat(page, f"{base}/scripted/")
+    page.fill("#message textarea", "Hello?")
+    page.press("#message textarea", "Enter")
+    page.locator("[data-testid=bot]").get_by_text("typing…").wait_for()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#chat").screenshot(path=str(ARTIFACTS / "web-typing.png"))
+    page.get_by_text("Here it is.").wait_for(timeout=30_000)
+    assert "typing" not in messages(page, "bot")[-1]
+    scripted.pause = 0.01
+
+
+@needs_chromium
+def test_stop_before_the_first_token_leaves_no_indicator(mounted, page):
+    base, scripted, _ = mounted
+    scripted.reply, scripted.pause = "late", 5
+    open_chat(page, f"{base}/scripted/")
+    page.fill("#message textarea", "Hello?")
+    page.press("#message textarea", "Enter")
+    page.locator("[data-testid=bot]").get_by_text("typing…").wait_for()
+    page.click("#stop")
+    page.locator("[data-testid=bot]").get_by_text("typing…").wait_for(state="detached", timeout=10_000)
+    scripted.pause = 0.01
+
+
+@needs_chromium
+def test_login_says_any_user_name_works_and_the_footer_links_the_api_docs(served_keyed, page):
+    page.goto(f"{served_keyed}/web/")
+    page.locator("input[type=password]").wait_for()
+    page.get_by_text("Any user name works").wait_for()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-login.png"), full_page=True)
+    page.locator("input").first.fill("whoever")
+    page.locator("input[type=password]").fill(KEY)
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#message textarea")
+    link = page.locator("#footer a")
+    assert link.get_attribute("href") == "/docs"
+    page.goto(f"{served_keyed}/docs")
+    page.get_by_text("/v1/chat/completions").first.wait_for()  # glmkit's docs, drawn from /openapi.json
+    page.screenshot(path=str(ARTIFACTS / "api-docs.png"), full_page=True)
+    assert page.outside == []
+
+
+def test_static_assets_stay_out_of_the_access_log(served, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="glmkit.access"):
+        shell = httpx.get(f"{served}/web/")
+        assets = [src for src in shell.text.split('"') if "/assets/" in src and src.endswith((".js", ".css"))]
+        assert assets
+        for src in assets[:3]:
+            assert httpx.get(f"{served}/web/{src.lstrip('./')}").status_code == 200
+        assert httpx.get(f"{served}/favicon.ico").status_code == 200
+        assert httpx.get(f"{served}/health").status_code == 200
+    paths = [record.getMessage() for record in caplog.records if record.name == "glmkit.access"]
+    assert any('"GET /health" 200' in line for line in paths), paths
+    assert any('"GET /web/" 200' in line for line in paths), paths
+    assert not any("/assets/" in line or "favicon" in line for line in paths), paths

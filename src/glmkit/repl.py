@@ -12,22 +12,36 @@ from glmkit.errors import GlmkitError
 CLEAR_WORDS = ("clear",)
 QUIT_WORDS = ("stop", "exit", "quit")
 CLEAR_SCREEN = "\033[2J\033[H"
+CUT_MARK = "[answer stopped: kept in the conversation]"
 
 
-def stream_answer(model: ChatModel, query: str, history: list, out: TextIO, **options: Any) -> tuple[str | Any, list]:
-    """Print the reply as it streams; return the final response and history."""
+def stream_answer(
+    model: ChatModel, query: str, history: list, out: TextIO, keep_cut: bool = False, **options: Any
+) -> tuple[str | Any, list]:
+    """Print the reply as it streams; return the final response and history.
+
+    ``keep_cut``: Ctrl-C ends the reply instead of raising; the question and what was answered so far
+    stay in the history (as the web page's Stop keeps them) and the screen marks the reply as cut.
+    """
     response: Any = ""
     shown = ""
     new_history = history
-    for response, new_history in model.stream_chat(query, history, **options):  # noqa: B007 - kept after the loop
-        text = response if isinstance(response, str) else str(response)
-        # post-processing may rewrite earlier characters (ChatGLM punctuation); print only the new tail
-        if text.startswith(shown):
-            out.write(text[len(shown) :])
-        else:
-            out.write("\n" + text)
+    try:
+        for response, new_history in model.stream_chat(query, history, **options):  # noqa: B007 - kept after it
+            text = response if isinstance(response, str) else str(response)
+            # post-processing may rewrite earlier characters (ChatGLM punctuation); print only the new tail
+            if text.startswith(shown):
+                out.write(text[len(shown) :])
+            else:
+                out.write("\n" + text)
+            out.flush()
+            shown = text
+    except KeyboardInterrupt:
+        if not keep_cut:
+            raise
+        out.write(f"\n{CUT_MARK}\n")
         out.flush()
-        shown = text
+        return response, new_history
     out.write("\n")
     out.flush()
     return response, new_history
@@ -37,7 +51,10 @@ def run_repl(model: ChatModel, options: dict[str, Any], greeting: str | None = N
     with contextlib.suppress(ImportError):  # no readline on Windows
         import readline  # noqa: F401 - importing it gives input() line editing and history
     name = bot_name or model.name
-    banner = f"glmkit chat with {name}. Type a message; 'clear' empties the history, 'stop' quits."
+    banner = (
+        f"glmkit chat with {name}. Type a message; 'clear' empties the history, 'stop' quits.\n"
+        "Ctrl-C cuts a reply short (the conversation keeps what was said), Ctrl-D quits."
+    )
 
     def start() -> list:
         print(banner)
@@ -69,9 +86,8 @@ def run_repl(model: ChatModel, options: dict[str, Any], greeting: str | None = N
         sys.stdout.write(f"\n{name}: ")
         sys.stdout.flush()
         try:
-            _, history = stream_answer(model, query, history, sys.stdout, **options)
-        except KeyboardInterrupt:
-            # the interrupted turn is dropped; the conversation before it stays
-            print("\n[answer stopped]")
+            _, history = stream_answer(model, query, history, sys.stdout, keep_cut=True, **options)
+        except KeyboardInterrupt:  # a second Ctrl-C while the cut turn is being kept
+            print(f"\n{CUT_MARK}")
         except GlmkitError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"\nerror: {exc}")

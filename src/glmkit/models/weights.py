@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from glmkit.errors import GlmkitError
+from glmkit.progress import reporter
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -32,19 +33,26 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor of the given files, one shard in memory at a time."""
-    for path in files:
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        yield name, f.get_tensor(name)
-            else:
-                yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
-        except GlmkitError:
-            raise
-        except Exception as exc:  # corrupt or truncated file: say which one
-            raise GlmkitError(f"cannot read weights from {path}: {exc}") from exc
+    """Yield ``(name, tensor)`` for every tensor of the given files, one shard in memory at a time;
+    the reporter shows a bar over the files' bytes."""
+    total = sum(path.stat().st_size for path in files if path.is_file())
+    with reporter().task("Loading weights", total=total, unit="B") as advance:
+        for path in files:
+            try:
+                if path.suffix == ".safetensors":
+                    with safe_open(str(path), framework="pt") as f:
+                        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                            tensor = f.get_tensor(name)
+                            advance(tensor.nbytes)
+                            yield name, tensor
+                else:
+                    for name, tensor in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
+                        advance(tensor.nbytes)
+                        yield name, tensor
+            except GlmkitError:
+                raise
+            except Exception as exc:  # corrupt or truncated file: say which one
+                raise GlmkitError(f"cannot read weights from {path}: {exc}") from exc
 
 
 def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ CLIENT_GONE = 499  # logged, never sent: nginx's code for "the client closed the
 # a refused body is read and dropped up to this size, so the client gets the 413 rather than a reset
 # connection; past it the connection is closed (nobody is owed an unbounded read)
 DRAIN_LIMIT_BYTES = 64 << 20
+# what a page loads for itself (scripts, styles, fonts, icons): dozens per page view, no line each
+ASSET_SUFFIXES = (".js", ".mjs", ".css", ".map", ".svg", ".png", ".jpg", ".ico", ".woff", ".woff2", ".ttf")
 
 
 def _under(path: str, prefixes: Sequence[str]) -> bool:
@@ -33,8 +35,13 @@ async def _reject(scope: Scope, receive: Receive, send: Send, error: APIError) -
     await error.response()(scope, receive, send)
 
 
+def is_asset(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].lower().endswith(ASSET_SUFFIXES)
+
+
 class AccessLog:
-    """One line per request: client, method, path, status, tokens, duration (prompts only if asked)."""
+    """One line per request: client, method, path, status, tokens, duration (prompts only if asked);
+    a static asset served without error gets none."""
 
     def __init__(self, app: ASGIApp, log_prompts: bool = False) -> None:
         self.app = app
@@ -62,15 +69,19 @@ class AccessLog:
         finally:
             if state.get("client_gone"):
                 status = CLIENT_GONE
-            client = scope.get("client") or ("-", 0)
-            usage = state.get("usage")
-            line = '%s:%s "%s %s" %d tokens=%s %.3fs'
-            tokens = f"{usage[0]}+{usage[1]}" if usage else "-"
-            args = [*client, scope["method"], scope["path"], status, tokens, time.perf_counter() - started]
-            if self.log_prompts and "prompt" in state:
-                line += " prompt=%s"
-                args.append(json.dumps(state["prompt"], ensure_ascii=False))
-            access_log.info(line, *args)
+            if not (is_asset(scope["path"]) and status < 400):
+                self._log(scope, state, status, time.perf_counter() - started)
+
+    def _log(self, scope: Scope, state: dict, status: int, seconds: float) -> None:
+        client = scope.get("client") or ("-", 0)
+        usage = state.get("usage")
+        line = '%s:%s "%s %s" %d tokens=%s %.3fs'
+        tokens = f"{usage[0]}+{usage[1]}" if usage else "-"
+        args = [*client, scope["method"], scope["path"], status, tokens, seconds]
+        if self.log_prompts and "prompt" in state:
+            line += " prompt=%s"
+            args.append(json.dumps(state["prompt"], ensure_ascii=False))
+        access_log.info(line, *args)
 
 
 class InternalErrors:
@@ -100,15 +111,24 @@ class InternalErrors:
 
 
 class BearerAuth:
-    """``Authorization: Bearer KEY`` on every path but the open ones, compared in constant time."""
+    """``Authorization: Bearer KEY`` on every path but the open ones (``open_paths`` and what is under
+    them; ``open_pages`` for GET alone, exactly), compared in constant time."""
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = (), open_pages: Sequence[str] = ()
+    ) -> None:
         self.app = app
         self.key = api_key.encode()
         self.open_paths = tuple(open_paths)
+        self.open_pages = tuple(open_pages)
+
+    def _open(self, scope: Scope) -> bool:
+        if _under(scope["path"], self.open_paths):
+            return True
+        return scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in self.open_pages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or _under(scope["path"], self.open_paths):
+        if scope["type"] not in ("http", "websocket") or self._open(scope):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")

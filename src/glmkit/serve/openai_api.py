@@ -1,7 +1,10 @@
 """OpenAI-compatible ``/v1/chat/completions`` (JSON or SSE) and ``/v1/models``.
 
 Streamed deltas are the engine's raw text; the non-streamed ``content`` is the template's
-post-processed reply (for most templates the same text, stripped).
+post-processed reply (for most templates the same text, stripped).  A reply that the template parses
+as a tool call (``{"name", "parameters"}``, as ChatGLM3's does) goes out as ``tool_calls`` with
+``finish_reason: "tool_calls"``; with tools offered, a stream holds the reply back until it is whole,
+since only then is it known to be a call or text.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -38,21 +41,47 @@ def _event(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse(reply: Reply, head: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
-    """``chat.completion.chunk`` events: the role, content deltas, the finish reason, then ``[DONE]``."""
+def assistant_message(response: Any, finish_reason: str) -> tuple[dict[str, Any], str]:
+    """The OpenAI message for a template's post-processed response, and the finish reason: a parsed
+    tool call becomes ``tool_calls``; any other dict (a ChatGLM3 code-interpreter turn) is JSON content."""
+    if isinstance(response, dict) and isinstance(response.get("parameters"), dict) and response.get("name"):
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": response["name"], "arguments": json.dumps(response["parameters"], ensure_ascii=False)},
+        }
+        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+    content = response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
+    return {"role": "assistant", "content": content}, finish_reason
 
-    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
+
+async def _sse(
+    reply: Reply, head: dict[str, Any], include_usage: bool, hold: Callable[[str, str], tuple[dict, str]] | None
+) -> AsyncIterator[str]:
+    """``chat.completion.chunk`` events: the role, content deltas, the finish reason, then ``[DONE]``.
+    ``hold``: the reply is sent whole at its end, as ``hold(text, finish_reason)`` makes it a message."""
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
         body = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
         return _event({**body, "usage": None} if include_usage else body)
 
     yield chunk({"role": "assistant", "content": ""})
     usage: dict[str, int] | None = None
+    held: list[str] = []
     try:
         async for piece in reply.chunks():
-            if piece.text:
+            if piece.text and hold is None:
                 yield chunk({"content": piece.text})
+            held.append(piece.text)
             if piece.finish_reason:
-                yield chunk({}, piece.finish_reason)
+                finish_reason = piece.finish_reason
+                if hold is not None:
+                    message, finish_reason = hold("".join(held), finish_reason)
+                    delta = {key: value for key, value in message.items() if key != "role" and value is not None}
+                    if "tool_calls" in delta:
+                        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+                    yield chunk(delta)
+                yield chunk({}, finish_reason)
                 usage = _usage(piece.prompt_tokens, piece.completion_tokens)
     # the 200 is already sent: an error is told in the stream, which still ends properly
     except SchedulerClosed as exc:  # the server is stopping and the grace period is over
@@ -88,6 +117,12 @@ def router(backend: Backend) -> APIRouter:
     async def chat_completions(request: Request) -> dict[str, Any] | StreamingResponse:
         body = parse_body(ChatCompletionRequest, await request.body())
         messages = body.template_messages()
+        template = backend.chat_model.template
+
+        def to_message(text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
+            response, _ = template.postprocess(text, messages)
+            return assistant_message(response, finish_reason)
+
         reply = await backend.start(
             request.state,
             messages,
@@ -105,20 +140,18 @@ def router(backend: Backend) -> APIRouter:
         }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            hold = to_message if body.offered_tools() else None
             return StreamingResponse(
-                _sse(reply, {**head, "object": "chat.completion.chunk"}, include_usage),
+                _sse(reply, {**head, "object": "chat.completion.chunk"}, include_usage, hold),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         completion = await reply.complete()
-        response, _ = backend.chat_model.template.postprocess(completion.text, messages)
-        # a ChatGLM3 tool call comes back as a dict: its JSON is the content
-        content = response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
-        message = {"role": "assistant", "content": content}
+        message, finish_reason = to_message(completion.text, completion.finish_reason)
         return {
             **head,
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": completion.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": _usage(completion.prompt_tokens, completion.completion_tokens),
         }
 

@@ -7,9 +7,10 @@ change the answer in a way glmkit cannot honour are refused unless they hold the
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from glmkit.engine.config import MAX_SEED, MAX_STOP_LENGTH, MAX_STOP_STRINGS
@@ -43,6 +44,9 @@ class LegacyRequest(_Body):
     character: Character | None = None
 
 
+#: the system message ChatGLM3's tool examples use when the request has none of its own
+TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+
 # OpenAI roles -> the template's roles; tool results are what ChatGLM3 calls an observation
 _ROLES = {
     "system": "system",
@@ -54,6 +58,57 @@ _ROLES = {
 }
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value or "{}")
+        except json.JSONDecodeError as exc:
+            message = "arguments must be JSON text ({error})"
+            raise PydanticCustomError("arguments_json", message, {"error": str(exc)}) from None
+        if not isinstance(parsed, dict):
+            raise PydanticCustomError("arguments_json", "arguments must be a JSON object")
+        return value
+
+
+class ToolCall(BaseModel):
+    """A call an assistant turn made, as OpenAI clients send it back in the history."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # the function's schema is the model's business
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionTool
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -61,6 +116,7 @@ class ChatMessage(BaseModel):
     content: str
     metadata: str | None = None  # ChatGLM3: the tool an assistant turn called
     tools: list[dict[str, Any]] | None = None  # ChatGLM3: tools offered in the system message
+    tool_calls: list[ToolCall] | None = None  # OpenAI: the calls an assistant turn made
 
     @field_validator("content", mode="before")
     @classmethod
@@ -77,13 +133,32 @@ class ChatMessage(BaseModel):
             return "".join(texts)
         return value
 
-    def to_template(self) -> Message:
+    @model_validator(mode="after")
+    def _calls_are_the_assistants(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "only an assistant message carries tool_calls")
+        return self
+
+    def to_template(self) -> list[Message]:
+        """The template's messages: one, or for an assistant turn with tool calls its text (if any) and
+        one message per call, whose content is a parsed tool call (``{"name", "parameters"}``, the shape
+        templates return from ``postprocess``) and whose metadata names the tool, as ChatGLM3 keeps it."""
         message: Message = {"role": _ROLES[self.role], "content": self.content}
         if self.metadata is not None:
             message["metadata"] = self.metadata
         if self.tools is not None:
             message["tools"] = self.tools
-        return message
+        if not self.tool_calls:
+            return [message]
+        calls: list[Message] = [
+            {
+                "role": "assistant",
+                "metadata": call.function.name,
+                "content": {"name": call.function.name, "parameters": json.loads(call.function.arguments or "{}")},
+            }
+            for call in self.tool_calls
+        ]
+        return [message, *calls] if self.content else calls
 
 
 class StreamOptions(BaseModel):
@@ -101,7 +176,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
     "logit_bias": ({},),
-    "tools": ([],),
     "response_format": ({"type": "text"},),
 }
 
@@ -125,7 +199,10 @@ class ChatCompletionRequest(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto"] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default when tools are given), "none", or one function by name'
+    )
     response_format: dict[str, Any] | None = None
 
     @field_validator("stop", mode="before")
@@ -147,8 +224,45 @@ class ChatCompletionRequest(_Body):
             )
         return value
 
+    def offered_tools(self) -> list[dict[str, Any]]:
+        """The functions the model may call, as ChatGLM3's system message lists them."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        functions = [tool.function.model_dump() for tool in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            functions = [function for function in functions if function["name"] == self.tool_choice.function["name"]]
+        return functions
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_word(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto"):
+            raise PydanticCustomError(
+                "tool_choice",
+                "tool_choice {value!r} is not supported: the model decides whether to call a tool "
+                "(use 'auto', 'none' or name one function)",
+                {"value": value},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {tool.function.name for tool in self.tools or []}
+            if self.tool_choice.function.get("name") not in names:
+                raise PydanticCustomError("tool_choice", "tool_choice names a function that is not in tools")
+        return self
+
     def template_messages(self) -> list[Message]:
-        return [message.to_template() for message in self.messages]
+        messages = [part for message in self.messages for part in message.to_template()]
+        functions = self.offered_tools()
+        if functions:
+            # as ChatGLM3's own API server: the tools join the system message, or a system message of their own
+            if messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "tools": functions}
+            else:
+                messages.insert(0, {"role": "system", "content": TOOLS_SYSTEM_PROMPT, "tools": functions})
+        return messages
 
 
 class ErrorDetail(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import hmac
 import ipaddress
 import logging
@@ -24,7 +25,9 @@ from starlette.requests import HTTPConnection
 
 from glmkit.chat import ChatModel
 from glmkit.engine.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler
-from glmkit.serve import legacy, openai_api
+from glmkit.errors import GlmkitError
+from glmkit.progress import elapsed
+from glmkit.serve import legacy, openai_api, pages
 from glmkit.serve.backend import Backend
 from glmkit.serve.errors import install_error_handlers
 from glmkit.serve.middleware import AccessLog, BearerAuth, BodyLimit, InternalErrors, RequestBody, WebLogin
@@ -56,6 +59,7 @@ class ServerOptions:
     #: the longest prompt + reply one request may have (the scheduler's rows hold this many tokens)
     max_model_len: int = 4096
     shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS
+    verbose: bool = False  # uvicorn's own start-up lines too
 
 
 def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> FastAPI:
@@ -85,9 +89,9 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         finally:
             await asyncio.to_thread(scheduler.close)  # joins the worker thread: not on the event loop
 
-    # the OpenAPI description and its page belong to the API; glmkit web (the page alone) has neither
-    docs = {} if options.api else {"docs_url": None, "openapi_url": None}
-    app = FastAPI(title="glmkit", lifespan=lifespan, redoc_url=None, **docs)
+    # the OpenAPI description and its page (glmkit's own /docs) belong to the API; glmkit web has neither
+    docs = {} if options.api else {"openapi_url": None}
+    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, **docs)
     app.state.scheduler = scheduler
     app.state.on_stop = []  # what ends streams that would hold a graceful shutdown open (see _Server)
     install_error_handlers(app)
@@ -104,6 +108,7 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
     # The last middleware added runs first: the log sees everything (401s, 413s), CORS answers
     # preflights (which carry no key) before the key is checked.
     app.add_middleware(InternalErrors)
+    app.include_router(pages.router(chat_model.name, WEB_PATH if options.web else None, options.api))
     if options.api:
         backend = Backend(chat_model, scheduler, log_prompts=options.log_prompts)
         app.include_router(legacy.router(backend))
@@ -114,7 +119,7 @@ def create_app(chat_model: ChatModel, options: ServerOptions | None = None) -> F
         _mount_web(app, chat_model, scheduler, options, WEB_PATH if options.api else "/")
     if options.api and options.api_key:
         # the web page has its own login (the key as password): a browser cannot send a Bearer header
-        app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(BearerAuth, api_key=options.api_key, open_paths=OPEN_PATHS, open_pages=pages.PAGE_PATHS)
     # always there, with no origins when --cors is not given: Gradio then leaves CORS to it, instead of
     # answering every http://localhost:* page with credentials allowed
     app.add_middleware(
@@ -146,11 +151,14 @@ def _mount_web(app: FastAPI, chat_model: ChatModel, scheduler: Scheduler, option
 
     gradio.mount_gradio_app(
         app,
-        build_web(chat_model, scheduler),
+        build_web(chat_model, scheduler, api_docs="/docs" if options.api else None),
         path=path,
         auth=login if options.api_key else None,
+        auth_message="Any user name works; the password is the server's API key (--api-key).",
+        footer_links=["settings"],  # not Gradio's own API page: the footer links glmkit's HTTP API instead
         max_file_size=options.max_body_bytes,  # the page takes no files; uploads get the API's limit
         ssr_mode=False,
+        favicon_path=str(pages.FAVICON) if path == "/" else None,  # under /web, the server's own /favicon.ico
         run_history=False,  # its routes would save runs to a Hugging Face bucket: calls to huggingface.co
         app_kwargs={"openapi_url": None},  # Gradio's FastAPI schema: public, and no use to the page
     )
@@ -176,9 +184,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _log_config() -> dict:
+class _StartLines(logging.Filter):
+    """uvicorn's start-up lines, which glmkit's "Ready" line replaces (its shutdown lines stay)."""
+
+    SAID = (
+        "Started server process",
+        "Waiting for application startup",
+        "Application startup complete",
+        "Uvicorn running",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.SAID)
+
+
+def _log_config(verbose: bool = False) -> dict:
     """uvicorn's logging, plus glmkit's loggers (access log included) with a timestamp."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    if not verbose:
+        config.setdefault("filters", {})["start_lines"] = {"()": _StartLines}
+        config["handlers"]["default"]["filters"] = ["start_lines"]
     config["formatters"]["glmkit"] = {
         "()": "uvicorn.logging.DefaultFormatter",
         "fmt": "%(levelprefix)s %(asctime)s %(message)s",
@@ -196,12 +221,19 @@ def _log_config() -> dict:
 class _Server(uvicorn.Server):
     """uvicorn, ending what would hold its graceful shutdown open: the page's heartbeats at once, and
     after the grace the replies still running (the scheduler is closed, so each ends with a message on
-    the page or an error event instead of being cancelled mid-stream by uvicorn's timeout)."""
+    the page or an error event instead of being cancelled mid-stream by uvicorn's timeout).  Once it
+    listens, it says so: "Ready in N s" and the addresses."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float, ready: Callable[[], None]) -> None:
         super().__init__(config)
         self.glmkit_app = app
         self.grace_seconds = grace_seconds
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.ready()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         on_stop: list[Callable[[], None]] = self.glmkit_app.state.on_stop
@@ -216,11 +248,46 @@ class _Server(uvicorn.Server):
             cut.cancel()
 
 
-def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port or a bad address is a one-line
+    mistake at once, not after minutes of loading."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise GlmkitError(f"cannot listen on {host}: the address does not resolve ({exc})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+    try:
+        sock.bind(info[0][4])  # uvicorn starts listening once the model is loaded: until then, connections are refused
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise GlmkitError(f"port {port} on {host} is already in use: stop what uses it or pick --port") from None
+        raise GlmkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def addresses(options: ServerOptions, port: int) -> list[tuple[str, str]]:
+    """What a person can open, by name: the page, both APIs and their docs."""
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    shown: list[tuple[str, str]] = []
+    if options.web:
+        shown.append(("browser chat", f"{base}{WEB_PATH}/" if options.api else f"{base}/"))
+    if options.api:
+        shown += [("ChatGLM API", f"POST {base}/"), ("OpenAI API", f"{base}/v1"), ("API docs", f"{base}/docs")]
+    return shown
+
+
+def run_server(chat_model: ChatModel, options: ServerOptions, sock: socket.socket | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM; then running replies get a short grace and the scheduler is closed.
 
+    ``sock``: the socket ``bind`` returned (bound before the model loaded); by default it is bound here.
     If the generation worker dies, the server stops and this raises, so the process exits non-zero.
     """
+    sock = sock or bind(options.host, options.port)
     app = create_app(chat_model, options)
     scheduler: Scheduler = app.state.scheduler
     config = uvicorn.Config(
@@ -228,33 +295,33 @@ def run_server(chat_model: ChatModel, options: ServerOptions) -> None:
         host=options.host,
         port=options.port,
         access_log=False,  # glmkit's own access log has the token counts
-        log_config=_log_config(),
+        log_config=_log_config(options.verbose),
         # a backstop: the grace is _Server's, then a reply ends at the scheduler's next step (seconds, on a busy CPU)
         timeout_graceful_shutdown=int(options.shutdown_grace_seconds) + 5,
     )
-    server = _Server(config, app, options.shutdown_grace_seconds)
+    shown = addresses(options, sock.getsockname()[1])
+    width = max(len(name) for name, _ in shown)
+
+    def ready() -> None:
+        lines = [f"  {name:<{width}}  {url}" for name, url in shown]
+        log.info("Ready in %.1f s (%s; Ctrl-C stops it):\n%s", elapsed(), chat_model.name, "\n".join(lines))
+        if not _is_loopback(options.host) and not options.api_key:
+            log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
+
+    server = _Server(config, app, options.shutdown_grace_seconds, ready)
 
     def stop_server() -> None:
         server.should_exit = True
 
     app.state.stop_server = stop_server
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    base = f"http://{host}:{options.port}"
-    if options.api:
-        log.info("model %s: ChatGLM API at %s/, OpenAI API at %s/v1", chat_model.name, base, base)
-        if options.web:
-            log.info("web page at %s%s/", base, WEB_PATH)
-    elif options.web:
-        log.info("model %s: web page at %s/", chat_model.name, base)
-    if not _is_loopback(options.host) and not options.api_key:
-        log.warning("listening on %s without an API key: anyone who can reach it can use the model", options.host)
     # uvicorn raises SIGTERM again once it has shut down gracefully; a stop that went as asked exits 0
     # (signal handlers belong to the main thread: elsewhere, as in tests, uvicorn installs none either)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
     if scheduler.failure is not None:

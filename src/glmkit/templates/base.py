@@ -12,6 +12,9 @@ Message = dict[str, Any]
 
 
 class ChatTemplate(Protocol):
+    """A template may also have ``generation_defaults``: sampling settings its model family is used with
+    (as CharacterGLM's official ``chat()`` samples), under the checkpoint's ``generation_config.json``."""
+
     name: str
     #: decode generated ids with special tokens removed before ``postprocess`` sees the text
     skip_special_tokens: bool

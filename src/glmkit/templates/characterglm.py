@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from glmkit.errors import GlmkitError
 from glmkit.templates.base import Message
@@ -45,6 +45,14 @@ def check_card(card: Any, where: str) -> dict[str, str]:
 class CharacterGLMTemplate:
     name = "characterglm"
     skip_special_tokens = False
+    #: what the official chat() samples with (characterglm_generation_utils.py); the checkpoint's
+    #: generation_config.json names none of them, and its own values still win where it does
+    generation_defaults: ClassVar[dict[str, Any]] = {
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "top_k": 100,
+        "repetition_penalty": 1.3,
+    }
 
     def build_prompt(self, messages: list[Message], character: dict[str, str] | None) -> str:
         if not character or not character.get("bot_name") or not character.get("user_name"):

@@ -28,15 +28,27 @@ def _command(tokenizer: Any, name: str) -> int:
         ) from exc
 
 
+def format_tool_call(parameters: dict[str, Any]) -> str | None:
+    """A parsed tool call's arguments as the model writes the call (``parse_tool_call``'s inverse); None
+    when a key cannot be a Python keyword argument."""
+    if not all(isinstance(key, str) and key.isidentifier() for key in parameters):
+        return None
+    arguments = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
+    return f"```python\ntool_call({arguments})\n```"
+
+
 def build_single_message(tokenizer: Any, role: str, metadata: str, content: str | dict) -> list[int]:
     """Ids of one message: the role token, the metadata line, the content (no [gMASK] sop).
 
-    A dict content (a tool call as ``postprocess`` returned it, kept in a message history) goes in as JSON.
+    A dict content (a tool call as ``postprocess`` returned it, kept in a message history) goes in as the
+    model wrote it when it is ``{"name", "parameters"}``, else as JSON.
     """
     if role not in ROLES:
         raise GlmkitError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     if isinstance(content, dict):
-        content = json.dumps(content, ensure_ascii=False)
+        parameters = content.get("parameters")
+        written = format_tool_call(parameters) if isinstance(parameters, dict) else None
+        content = written if written is not None else json.dumps(content, ensure_ascii=False)
     return [
         _command(tokenizer, f"<|{role}|>"),
         *tokenizer.encode(f"{metadata}\n", add_special_tokens=False),

@@ -8,6 +8,7 @@ messages' text with ``split_special_tokens``.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from typing import Any
@@ -20,6 +21,14 @@ Piece = tuple[list[int], int | None]  # ids, and the index of the message they a
 
 def _encode(tokenizer: Any, text: str, as_text: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+
+
+def _text_only(messages: list[Message]) -> list[Message]:
+    """A dict content (a parsed tool call kept in a history) as JSON text: Hugging Face templates take text."""
+    return [
+        {**m, "content": json.dumps(m["content"], ensure_ascii=False)} if isinstance(m["content"], dict) else m
+        for m in messages
+    ]
 
 
 def _plain(messages: list[Message], contents: list[str]) -> list[dict[str, str]]:
@@ -39,6 +48,7 @@ class HFChatTemplate:
     ) -> list[int]:
         if character:
             raise GlmkitError("character cards need a CharacterGLM model (template 'characterglm')")
+        messages = _text_only(messages)
         pieces = self._pieces(tokenizer, messages, add_generation_prompt=True)
         if pieces is None:
             return self._encode_whole(tokenizer, messages)

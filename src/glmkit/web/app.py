@@ -36,6 +36,11 @@ _CODE = re.compile(
 # What could start raw HTML in Markdown: a tag, comment or declaration, or a character reference.
 # Only these are escaped, so that "a < b" or "AT&T" stay as typed (the copy button copies the source).
 _HTML_START = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?\w+;)")
+# the reply's place in the conversation until its first token arrives
+TYPING = "_typing…_"
+# a few prompts to click, for a first try
+EXAMPLE_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child."]
+CHARACTER_PROMPTS = ["你好！今天过得怎么样？", "能给我讲讲你最近画的画吗？", "我们一起去公园散步吧。"]
 
 
 def _escape(text: str) -> str:
@@ -59,18 +64,29 @@ def _shown(content: Any) -> str:
     return f"```json\n{json.dumps(content, ensure_ascii=False, indent=2)}\n```"
 
 
-def render(history: list[Message], greeting: str = "") -> list[dict[str, str]]:
-    """What the Chatbot shows for the raw conversation: the card's greeting first, then the turns."""
+def render(history: list[Message], greeting: str = "", typing: bool = False) -> list[dict[str, str]]:
+    """What the Chatbot shows for the raw conversation: the card's greeting first, then the turns;
+    ``typing``: a reply is on its way but has no text yet."""
     opening = [{"role": "assistant", "content": greeting}] if greeting else []
-    return [
+    shown = [
         {"role": m["role"], "content": _shown(m["content"])}
         for m in [*opening, *history]
         if m["role"] in ("user", "assistant")
     ]
+    return [*shown, {"role": "assistant", "content": TYPING}] if typing else shown
 
 
-def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
-    """The chat page for ``chat_model``; every reply is generated through ``scheduler``."""
+def _placement(chat_model: ChatModel) -> tuple[str, str]:
+    """Where the model's weights are and in which dtype, for the header."""
+    parameter = next(chat_model.model.parameters(), None)
+    if parameter is None:
+        return "unknown device", "unknown dtype"
+    return str(parameter.device), str(parameter.dtype).removeprefix("torch.")
+
+
+def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None = None) -> gr.Blocks:
+    """The chat page for ``chat_model``; every reply is generated through ``scheduler``.  ``api_docs``:
+    where the HTTP API's documentation is, when the API is served beside the page (the footer links it)."""
     is_character = chat_model.template.name == "characterglm"
     defaults = chat_model.generation_config
     context = scheduler.context_length  # the longest prompt + reply the scheduler serves
@@ -82,15 +98,16 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
         system: str,
         card: dict[str, str],
         max_length: int,
+        max_new_tokens: int,
         top_p: float,
         temperature: float,
     ) -> tuple[list[Message], list[int], GenerationConfig]:
         # the raw history never holds the system prompt: the box applies to the whole conversation
         messages = chat_model.build_messages(message, history, None if is_character else system or None)
         prompt_ids = chat_model.encode(messages, card if is_character else None)
-        # max_length bounds prompt and reply together (the ChatGLM convention), so it is the reply's limit too
+        # max_length bounds prompt and reply together (the ChatGLM convention); max_new_tokens the reply alone
         config = chat_model.generation(
-            max_length=max_length, max_new_tokens=max_length, top_p=top_p, temperature=temperature
+            max_length=max_length, max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature
         )
         token_budget(len(prompt_ids), config, context)  # a prompt that cannot fit is told before it is shown
         return messages, prompt_ids, config
@@ -100,6 +117,7 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
         history: list[Message],
         system: str,
         max_length: float,
+        max_new_tokens: float,
         top_p: float,
         temperature: float,
         *card_values: str,
@@ -112,14 +130,14 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
         try:
             # a long message takes a while to tokenize: off the event loop, which serves every other request
             messages, prompt_ids, config = await asyncio.to_thread(
-                prepare, message, history, system, card, int(max_length), top_p, temperature
+                prepare, message, history, system, card, int(max_length), int(max_new_tokens), top_p, temperature
             )
         except GlmkitError as exc:
             gr.Warning(str(exc))
             yield gr.skip(), gr.skip(), gr.skip()
             return
         turn = [*history, {"role": "user", "content": message}]
-        yield "", render(turn, greeting), turn
+        yield "", render(turn, greeting, typing=True), turn
         text = ""
         try:
             async for chunk in scheduler.stream(prompt_ids, config):
@@ -137,6 +155,9 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
         if not text:  # nothing was answered: give the message back to edit or resend
             yield message, render(history, greeting), history
 
+    def redraw(history: list[Message], greeting: str) -> list[dict[str, str]]:  # after Stop: no "typing…" left
+        return render(history, greeting if is_character else "")
+
     def clear(greeting: str) -> tuple[list[Message], list[dict[str, str]]]:
         return [], render([], greeting if is_character else "")
 
@@ -151,8 +172,12 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
             return [gr.skip()] * len(CARD_FIELDS)
         return [card[field] for field in CARD_FIELDS]
 
+    device, dtype = _placement(chat_model)
     with gr.Blocks(title=f"{chat_model.name} · glmkit", analytics_enabled=False) as page:
-        gr.Markdown(f"## {safe_markdown(chat_model.name)}")
+        gr.Markdown(
+            f"## glmkit · {safe_markdown(chat_model.name)}\n{device} · {dtype} · {chat_model.template.name} template",
+            elem_id="header",
+        )
         history = gr.State([])
         chatbot = gr.Chatbot(
             value=render([], first_card["greeting"]),
@@ -172,17 +197,19 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop = gr.Button("Stop", scale=1, elem_id="stop")
             clear_button = gr.Button("Clear", scale=1, elem_id="clear")
+        gr.Examples(
+            CHARACTER_PROMPTS if is_character else EXAMPLE_PROMPTS, inputs=box, label="Try", elem_id="examples"
+        )
         with gr.Accordion("Generation", open=True):
             # CharacterGLM takes no system message: its card describes the roles instead
             system = gr.Textbox(label="System prompt", lines=2, visible=not is_character, elem_id="system")
             with gr.Row():
-                max_length = gr.Slider(
-                    1,
-                    context,
-                    value=min(defaults.max_length or context, context),
-                    step=1,
-                    label="Max length (prompt + reply)",
-                    elem_id="max_length",
+                max_length, max_new_tokens = (
+                    gr.Slider(1, context, value=min(default or context, context), step=1, label=label, elem_id=name)
+                    for name, label, default in (
+                        ("max_length", "Max length (prompt + reply)", defaults.max_length),
+                        ("max_new_tokens", "Max new tokens (reply)", defaults.max_new_tokens),
+                    )
                 )
                 top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.01, label="Top p", elem_id="top_p")
                 temperature = gr.Slider(
@@ -202,13 +229,15 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler) -> gr.Blocks:
                 for field in CARD_FIELDS
             ]
 
-        inputs = [box, history, system, max_length, top_p, temperature, *card_boxes]
+        if api_docs:
+            gr.Markdown(f"This model also answers over HTTP: [API docs]({api_docs})", elem_id="footer")
+        inputs = [box, history, system, max_length, max_new_tokens, top_p, temperature, *card_boxes]
         # concurrency_limit=None: the scheduler, not Gradio's queue, bounds how many replies run at once
         answers = [
             trigger(respond, inputs, [box, chatbot, history], concurrency_limit=None)
             for trigger in (box.submit, send.click)
         ]
-        stop.click(None, cancels=answers)
+        stop.click(redraw, [history, card_boxes[-1]], chatbot, cancels=answers)
         for clearing in (clear_button.click, chatbot.clear):  # the button and the Chatbot's own trash icon
             clearing(clear, card_boxes[-1], [history, chatbot], cancels=answers)
         example.input(pick_card, example, card_boxes)
