@@ -150,12 +150,11 @@ def test_both_contracts_carry_the_tool_call(scripted):
         assert legacy["response"] == {"name": "get_weather", "content": '{"city": "北京"}'}
         system = {"role": "system", "content": "", "tools": GLM4_TOOLS}
         body = {"messages": [system, {"role": "user", "content": "北京天气"}]}
-        reply = http.post("/v1/chat/completions", json=body).json()
-        assert json.loads(reply["choices"][0]["message"]["content"]) == {
-            "name": "get_weather",
-            "parameters": {"city": "北京"},
-        }
-        assert reply["choices"][0]["finish_reason"] == "stop"
+        choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "北京"}
 
 
 def test_scheduler_batches_glm4_requests_like_single_ones(random_model):
@@ -208,20 +207,14 @@ def test_finetuning_learns_an_answer(dirs, tmp_path, method, settings):
 
 
 def test_tool_call_round_trip_through_the_openai_client(scripted):
-    """OpenAI ``tools`` in, ``tool_calls`` out, the result back as a ``tool`` message. Needs the server's
-    OpenAI tool calls (issue 10, built for ChatGLM3); until they land the server refuses ``tools`` and this
-    test skips. GLM-4 needs nothing of its own there: its template returns ChatGLM3's call shape."""
+    """OpenAI ``tools`` in, ``tool_calls`` out, the result back as a ``tool`` message. GLM-4 needs nothing
+    of its own in the server: its template returns ChatGLM3's call shape."""
     import openai
 
     with live_server(create_app(scripted, ServerOptions())) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         question = [{"role": "user", "content": "北京天气怎么样？"}]
-        try:
-            first = client.chat.completions.create(model="glm4", messages=question, tools=GLM4_TOOLS)
-        except openai.BadRequestError as exc:
-            if "tools" in str(exc):
-                pytest.skip(f"the server does not take OpenAI tools yet: {exc}")
-            raise
+        first = client.chat.completions.create(model="glm4", messages=question, tools=GLM4_TOOLS)
         choice = first.choices[0]
         assert choice.finish_reason == "tool_calls"
         (call,) = choice.message.tool_calls
