@@ -113,7 +113,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "function", "observation"]
-    content: str | None = None  # left out only by an assistant turn that called tools (as OpenAI allows)
+    content: str
     metadata: str | None = None  # ChatGLM3: the tool an assistant turn called
     tools: list[dict[str, Any]] | None = None  # ChatGLM3: tools offered in the system message
     tool_calls: list[ToolCall] | None = None  # OpenAI: the calls an assistant turn made
@@ -137,11 +137,16 @@ class ChatMessage(BaseModel):
     def _calls_are_the_assistants(self) -> ChatMessage:
         if self.tool_calls and self.role != "assistant":
             raise PydanticCustomError("tool_calls", "only an assistant message carries tool_calls")
-        if self.content is None:
-            if not self.tool_calls:
-                raise PydanticCustomError("missing", "content is required (but for an assistant turn with tool_calls)")
-            self.content = ""
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_may_leave_content_out(cls, data: Any) -> Any:
+        # as OpenAI allows (and its client sends back): an assistant turn that only called tools
+        calls_only = isinstance(data, dict) and data.get("role") == "assistant" and data.get("tool_calls")
+        if calls_only and "content" not in data:
+            return {**data, "content": None}
+        return data
 
     def to_template(self) -> list[Message]:
         """The template's messages: one, or for an assistant turn with tool calls its text (if any) and
