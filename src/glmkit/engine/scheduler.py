@@ -152,7 +152,9 @@ class Scheduler:
             cache_rows(engine.model, max_active, self.context_length, kv_cache_bytes) if self.batched else max_active
         )
         if self.batched and self.max_active < max_active:
-            logger.warning(
+            # a budget the user set is worth a warning; the default one (2 GiB on a CPU) only an info line
+            logger.log(
+                logging.WARNING if kv_cache_bytes is not None else logging.INFO,
                 "glmkit: the KV cache holds %d requests of %d tokens at once (of %d asked for); the rest wait",
                 self.max_active, self.context_length, max_active,
             )  # fmt: skip
