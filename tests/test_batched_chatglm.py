@@ -115,3 +115,30 @@ def test_scheduler_batches_chatglm3_like_single_requests(model, tuned, which):
     assert [ids for _, ids in together] == [r.token_ids for r in alone]
     assert [text for text, _ in together] == [r.text for r in alone]
     assert any(len(r.token_ids) > 1 for r in alone)
+
+
+@pytest.mark.parametrize("which", ["plain", "ptuning"])
+def test_a_prompt_that_extends_a_finished_one_reuses_its_row(model, tuned, which):
+    tokenizer = load_tokenizer(V3_DIR / "tokenizer")
+    network = model if which == "plain" else tuned
+    template = get_template("chatglm3")
+    engine = Engine(network, tokenizer, stop_token_ids=template.stop_token_ids(tokenizer))
+    first = template.build_input_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    longer = template.build_input_ids(
+        tokenizer,
+        [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
+         {"role": "user", "content": "And of Germany?"}],
+    )  # fmt: skip
+    assert longer[: len(first) - 1] == first[:-1]
+    config = GenerationConfig(do_sample=False, max_new_tokens=8)
+    scheduler = Scheduler(engine, max_active=2)
+    try:
+        inbox: queue.Queue = queue.Queue()
+        scheduler.submit(first, config, inbox.put)
+        collect(inbox)
+        scheduler.submit(longer, config, inbox.put)
+        text, ids = collect(inbox)
+        assert scheduler.reused_tokens >= len(first) - 1
+    finally:
+        scheduler.close()
+    assert ids == engine.generate(longer, config).token_ids

@@ -221,3 +221,37 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(demo_chat, demo
     assert text_long == demo_engine.generate(long, newcomer).text
     text_first = "".join(item.text for name, item in events if name == "first" and item is not None)
     assert text_first == demo_engine.generate(first, running).text
+
+
+def test_next_turn_reuses_the_rows_keys_and_values(demo_chat, demo_engine):
+    config = GenerationConfig(do_sample=False, max_new_tokens=16)
+    first = prompt(demo_chat, "What is the capital of France?")
+    scheduler = Scheduler(demo_engine, max_active=2, max_sequence_length=512)
+    try:
+        answer, _ = collect(scheduler, first, config)
+        messages = demo_chat.build_messages("And of Germany?", [("What is the capital of France?", answer)])
+        second = demo_chat.encode(messages)
+        assert second[: len(first)] == first
+        text, _ = collect(scheduler, second, config)
+        assert scheduler.reused_tokens >= len(first)  # the first turn's prompt was not prefilled again
+    finally:
+        scheduler.close()
+    assert text == demo_engine.generate(second, config).text
+
+
+def test_a_kept_row_loses_what_a_shorter_window_overwrites(demo_chat, demo_engine):
+    config = GenerationConfig(do_sample=False, max_new_tokens=4)
+    long = prompt(demo_chat, "Tell me about the history of bread baking in Europe. " * 30)
+    assert 300 < len(long) < 500  # its row's request fills a 512 window
+    scheduler = Scheduler(demo_engine, max_active=2, max_sequence_length=600)
+    try:
+        collect(scheduler, long, config)  # row 0 keeps the long prompt
+        short = prompt(demo_chat, "Hi")  # a row of its own; steps of a 256 window pass over row 0
+        collect(scheduler, short, GenerationConfig(do_sample=False, max_new_tokens=8))
+        before = scheduler.reused_tokens
+        again = long[:-3] + prompt(demo_chat, "Bye")[-3:]
+        text, _ = collect(scheduler, again, config)
+        assert 0 < scheduler.reused_tokens - before <= 255  # only what the short window left whole
+    finally:
+        scheduler.close()
+    assert text == demo_engine.generate(again, config).text

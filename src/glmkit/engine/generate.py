@@ -44,18 +44,18 @@ def _model_device(model: CausalLM) -> torch.device:
     return next(model.parameters()).device  # type: ignore[attr-defined]
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many ids ``a`` and ``b`` have in common at their start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def _prepare_cache(
     model: CausalLM, prompt_ids: list[int], capacity: int, session: DecodeSession | None
 ) -> tuple[Cache, int]:
     """A cache with room for ``capacity`` positions, and how many of ``prompt_ids`` it already holds."""
     if session is not None and session.cache is not None and model.supports_prefix_reuse:
-        reusable = 0
-        for old, new in zip(session.tokens, prompt_ids, strict=False):
-            if old != new:
-                break
-            reusable += 1
         # the last prompt id must run to give logits; a cache may drop more than asked
-        session.cache.crop(min(reusable, len(prompt_ids) - 1))
+        session.cache.crop(min(shared_prefix(session.tokens, prompt_ids), len(prompt_ids) - 1))
         reusable = session.cache.length
         if reusable:
             session.cache.grow(capacity)

@@ -16,6 +16,9 @@ many as ``max_active`` asks and the memory budget (``kv_cache_bytes``) holds (``
 to that).  It is allocated at the first request and given back when idle, never grown or copied.  A new
 request's prompt is prefilled into its row ``prefill_chunk`` tokens at a time between decode steps, so
 a long prompt holds the running streams up by one chunk at most (alone, it is prefilled at once).
+A finished request's row keeps the keys and values of its tokens: a new request whose prompt starts
+with them (the next turn of a conversation, the same system prompt) takes that row and prefills only
+the rest (``reused_tokens`` counts what was saved), for models with ``supports_prefix_reuse``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 from glmkit.engine.config import GenerationConfig
-from glmkit.engine.generate import Engine
+from glmkit.engine.generate import Engine, shared_prefix
 from glmkit.engine.reply import Chunk, ReplyBuilder
 from glmkit.engine.sampling import Sampler
 from glmkit.engine.step import DecodeStep, window_for
@@ -90,6 +93,8 @@ class _Row:
     length: int  # positions of the row filled so far
     last_token: int
     limit: int  # the most positions the request can fill: prompt + token budget
+    cache: KVCache  # the row as a one-row cache (its model state, for reuse by a later prompt)
+    tokens: list[int]  # the ids whose keys and values the row holds: ``length`` of them
 
 
 @dataclass(eq=False)
@@ -166,6 +171,10 @@ class Scheduler:
         self._active: list[RequestHandle] = []
         self._rows: list[_Row] = []
         self._prefilling: deque[_Prefill] = deque()
+        # free rows that still hold a finished request's keys/values: the ids they hold, the row's cache
+        self._kept: dict[int, tuple[list[int], KVCache]] = {}
+        #: prompt tokens that did not need prefilling, their keys and values being in a row already
+        self.reused_tokens = 0
         self._wakeup = threading.Condition()
         self._closed = False
         #: what stopped the worker, if anything did; then every request is refused
@@ -284,6 +293,7 @@ class Scheduler:
         self._release_cache()
 
     def _release_cache(self) -> None:
+        self._kept.clear()
         self._cache, self._step, self._sampler, self._in_flight = None, None, None, None
 
     def _admit(self) -> list[RequestHandle]:
@@ -350,11 +360,14 @@ class Scheduler:
             else:
                 for row in rows:
                     if row not in finished:
+                        row.tokens.append(row.last_token)  # the step stored its key and value
                         row.length += 1
                         row.last_token = token_ids[row.slot]
                         if self._emit(row):
                             finished.append(row)
         self._rows = [r for r in self._rows if r not in finished]
+        if self.engine.model.supports_prefix_reuse:
+            self._kept.update((r.slot, (r.tokens, r.cache)) for r in finished)
         self._retire([r.handle for r in finished])
 
     def _launch(self, rows: list[_Row]) -> None:
@@ -367,8 +380,12 @@ class Scheduler:
         # the window holds every row's longest request, those being prefilled too: what the step writes
         # for their idle rows then lands past their prompts (see DecodeStep)
         longest = max(r.limit for r in [*rows, *self._prefilling])
+        window = window_for(longest, self._cache.max_length)
+        for slot, (tokens, cache) in list(self._kept.items()):
+            if slot < n:  # idle in this step: what it writes, at the window's end at the latest, is lost
+                self._kept[slot] = (tokens[: window - 1], cache)
         try:
-            self._in_flight = (rows, self._step.run(n, window_for(longest, self._cache.max_length)))
+            self._in_flight = (rows, self._step.run(n, window))
         except Exception as exc:
             self._fail_rows(rows, exc, [])
 
@@ -406,15 +423,37 @@ class Scheduler:
                 self._step = DecodeStep(model, self._cache)
                 self._sampler = Sampler(self.max_active, model.device)
             assert self._step is not None
-            used = {r.slot for r in self._rows} | {p.slot for p in self._prefilling}
-            slot = next(i for i in range(self.max_active) if i not in used)
+            slot, reused = self._free_row(handle.prompt_ids)
             # while the row is prefilled, decode steps write its idle slot past the prompt (see _launch)
             self._step.place(slot, 0, len(handle.prompt_ids))
         except Exception as exc:  # this request fails alone
             handle.send(exc)
             self._retire([handle])
             return
-        self._prefilling.append(_Prefill(handle, reply, slot, self._cache.row(slot)))
+        kept = self._kept.pop(slot, None)
+        if reused:
+            cache = kept[1]
+            cache.length = reused
+            self.reused_tokens += reused
+        else:
+            cache = self._cache.row(slot)
+        self._prefilling.append(_Prefill(handle, reply, slot, cache, done=reused))
+
+    def _free_row(self, prompt: list[int]) -> tuple[int, int]:
+        """A free row for ``prompt`` and how many of its first tokens that row holds already: the row
+        holding the longest start of it, else one that holds nothing, else the lowest."""
+        used = {r.slot for r in self._rows} | {p.slot for p in self._prefilling}
+        free = [i for i in range(self.max_active) if i not in used]
+        best, reused = None, 0
+        for slot in free:
+            if slot in self._kept:
+                # the last prompt id must run, for the first logits
+                common = min(shared_prefix(self._kept[slot][0], prompt), len(prompt) - 1)
+                if common > reused:
+                    best, reused = slot, common
+        if best is not None:
+            return best, reused
+        return next((i for i in free if i not in self._kept), free[0]), 0
 
     def _prefill_chunks(self) -> list[_Row]:
         """Run up to ``prefill_chunk`` prompt tokens (all of them when nothing is decoding) into the rows
@@ -449,7 +488,8 @@ class Scheduler:
             pending.done = end
             if end == len(prompt):
                 self._prefilling.popleft()
-                row = _Row(handle, pending.reply, pending.slot, len(prompt), first, pending.limit)
+                row = _Row(handle, pending.reply, pending.slot, len(prompt), first, pending.limit, pending.cache,
+                           list(prompt))  # fmt: skip
                 self._rows.append(row)
                 ready.append(row)
         return ready
