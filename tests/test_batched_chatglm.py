@@ -76,6 +76,12 @@ def test_decode_rows_with_ptuning_prefix(model, tuned):
     assert not torch.allclose(full_logits(tuned, ids), full_logits(model, ids), atol=1e-2)
 
 
+def chatglm3_engine(network) -> tuple[Engine, object, object]:
+    tokenizer = load_tokenizer(V3_DIR / "tokenizer")
+    template = get_template("chatglm3")
+    return Engine(network, tokenizer, stop_token_ids=template.stop_token_ids(tokenizer)), tokenizer, template
+
+
 def collect(inbox: queue.Queue, timeout: float = 60) -> tuple[str, list[int]]:
     text, token_ids = "", []
     while True:
@@ -92,10 +98,7 @@ def collect(inbox: queue.Queue, timeout: float = 60) -> tuple[str, list[int]]:
 
 @pytest.mark.parametrize("which", ["plain", "ptuning"])
 def test_scheduler_batches_chatglm3_like_single_requests(model, tuned, which):
-    tokenizer = load_tokenizer(V3_DIR / "tokenizer")
-    network = model if which == "plain" else tuned
-    template = get_template("chatglm3")
-    engine = Engine(network, tokenizer, stop_token_ids=template.stop_token_ids(tokenizer))
+    engine, tokenizer, template = chatglm3_engine(model if which == "plain" else tuned)
     questions = ["Hi", "What is the capital of France?", "Tell me a story about a dragon and a knight, please.", "2+2"]
     prompts = [template.build_input_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     prompts.append(prompts[2][:7])
@@ -119,10 +122,7 @@ def test_scheduler_batches_chatglm3_like_single_requests(model, tuned, which):
 
 @pytest.mark.parametrize("which", ["plain", "ptuning"])
 def test_a_prompt_that_extends_a_finished_one_reuses_its_row(model, tuned, which):
-    tokenizer = load_tokenizer(V3_DIR / "tokenizer")
-    network = model if which == "plain" else tuned
-    template = get_template("chatglm3")
-    engine = Engine(network, tokenizer, stop_token_ids=template.stop_token_ids(tokenizer))
+    engine, tokenizer, template = chatglm3_engine(model if which == "plain" else tuned)
     first = template.build_input_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     longer = template.build_input_ids(
         tokenizer,
@@ -137,7 +137,7 @@ def test_a_prompt_that_extends_a_finished_one_reuses_its_row(model, tuned, which
         scheduler.submit(first, config, inbox.put)
         collect(inbox)
         scheduler.submit(longer, config, inbox.put)
-        text, ids = collect(inbox)
+        _, ids = collect(inbox)
         assert scheduler.reused_tokens >= len(first) - 1
     finally:
         scheduler.close()
