@@ -788,7 +788,14 @@ def test_static_assets_stay_out_of_the_access_log(served, caplog):
             assert httpx.get(f"{served}/web/{src.lstrip('./')}").status_code == 200
         assert httpx.get(f"{served}/favicon.ico").status_code == 200
         assert httpx.get(f"{served}/health").status_code == 200
-    paths = [record.getMessage() for record in caplog.records if record.name == "glmkit.access"]
+
+        def lines() -> list[str]:
+            return [record.getMessage() for record in caplog.records if record.name == "glmkit.access"]
+
+        deadline = time.monotonic() + 10  # the server writes a line after the response has gone out
+        while not any('"GET /health" 200' in line for line in lines()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    paths = lines()
     assert any('"GET /health" 200' in line for line in paths), paths
     assert any('"GET /web/" 200' in line for line in paths), paths
     assert not any("/assets/" in line or "favicon" in line for line in paths), paths
