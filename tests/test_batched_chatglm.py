@@ -142,3 +142,26 @@ def test_a_prompt_that_extends_a_finished_one_reuses_its_row(model, tuned, which
     finally:
         scheduler.close()
     assert ids == engine.generate(longer, config).token_ids
+
+
+def test_scheduler_batches_chatglm_6b_like_single_requests():
+    from conftest import V1_DIR
+
+    tokenizer = load_tokenizer(V1_DIR / "tokenizer")
+    template = get_template("chatglm")
+    engine = Engine(load_model(V1_DIR / "checkpoint"), tokenizer, stop_token_ids=template.stop_token_ids(tokenizer))
+    questions = ["你好", "What is the capital of France?", "Tell me a story about a dragon and a knight.", "2+2"]
+    prompts = [template.build_input_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    configs = [GenerationConfig(do_sample=False, max_new_tokens=n) for n in (12, 20, 6, 16)]
+    alone = [engine.generate(p, c) for p, c in zip(prompts, configs, strict=True)]
+    scheduler = Scheduler(engine, max_active=3, max_queue=8, prefill_chunk=4)  # the prompts are never cut
+    assert scheduler.batched
+    try:
+        inboxes = [queue.Queue() for _ in prompts]
+        for p, c, inbox in zip(prompts, configs, inboxes, strict=True):
+            scheduler.submit(p, c, inbox.put)
+        together = [collect(inbox) for inbox in inboxes]
+    finally:
+        scheduler.close()
+    assert [ids for _, ids in together] == [r.token_ids for r in alone]
+    assert any(len(r.token_ids) > 1 for r in alone)

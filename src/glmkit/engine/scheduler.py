@@ -459,7 +459,9 @@ class Scheduler:
         """Run up to ``prefill_chunk`` prompt tokens (all of them when nothing is decoding) into the rows
         being prefilled, oldest first; return the rows whose prompt is complete, first token sampled."""
         model = self.engine.model
-        budget = self.prefill_chunk if self._rows else None
+        # a prompt can be cut only where a cache filled by its start serves the rest (not ChatGLM-6B's,
+        # whose prompt attends both ways)
+        budget = self.prefill_chunk if self._rows and model.supports_prefix_reuse else None
         ready = []
         while self._prefilling and (budget is None or budget > 0):
             pending = self._prefilling[0]

@@ -80,6 +80,8 @@ class KVCache:
     #: ``0..W-1`` for a decode step that reads only the first W positions of each row (``window``); a
     #: tensor, not an int, so that a compiled step takes its length as a dynamic size
     window_positions: torch.Tensor | None = None
+    #: for a cache made by ``row``: the batch cache and the row it is (a family may keep per-row state there)
+    row_of: tuple[KVCache, int] | None = None
 
     @classmethod
     def allocate(
@@ -140,12 +142,43 @@ class KVCache:
 
     def window(self, length: int) -> KVCache:
         """This cache, for a decode step that reads only the first ``length`` positions of each row: the
-        same tensors (writes go into the storage itself, nothing is copied), a shorter ``max_length``."""
+        same tensors (writes go into the storage itself, nothing is copied) and state, a shorter
+        ``max_length``."""
         positions = torch.arange(length, device=self.keys[0].device)
-        return KVCache(keys=self.keys, values=self.values, window_positions=positions)
+        return KVCache(keys=self.keys, values=self.values, state=self.state, window_positions=positions)
 
     def row(self, index: int) -> KVCache:
         """An empty one-row cache whose storage is row ``index`` of this one (for filling one slot)."""
         return KVCache(
-            keys=[k[index : index + 1] for k in self.keys], values=[v[index : index + 1] for v in self.values]
+            keys=[k[index : index + 1] for k in self.keys],
+            values=[v[index : index + 1] for v in self.values],
+            row_of=(self, index),
         )
+
+
+class RowSlots:
+    """Stands in for a ``KVCache`` in ``decode_rows``: the new key/value of sequence ``j`` goes to row
+    ``rows[j]`` of ``cache`` (row ``j`` when ``rows`` is None) at index ``positions[j]``, and attention
+    reads those rows whole (the mask hides what lies past each row's own length).
+
+    With ``rows=None`` the rows are the leading ones, read as a view of the cache: no gather, the same
+    addresses at every step, which is what a CUDA graph replays."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor) -> None:
+        self.cache = cache
+        self.rows = rows
+        self.positions = positions
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        positions = self.positions.to(keys.device)  # layers may be spread over GPUs
+        n = key.shape[0]
+        rows = torch.arange(n, device=keys.device) if self.rows is None else self.rows.to(keys.device)
+        # written into the cache tensor itself, not a slice of it: a compiler then scatters in place,
+        # where a write through a view makes it copy the whole view back
+        keys[rows, :, positions] = key[:, :, 0]
+        values[rows, :, positions] = value[:, :, 0]
+        window = self.cache.max_length  # a window of the cache: only its first positions are read
+        if self.rows is None:
+            return keys[:n, :, :window], values[:n, :, :window]
+        return keys[rows, :, :window], values[rows, :, :window]

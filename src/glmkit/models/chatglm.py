@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import Block, CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache, RowSlots
 from glmkit.models.loading import allocate_cache, gpu_devices, layer_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
 
@@ -157,7 +157,7 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         blocked: torch.Tensor | None,
         layer_id: int,
-        cache: KVCache | None,
+        cache: KVCache | RowSlots | None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
@@ -208,7 +208,7 @@ class GLMBlock(Block):
         sin: torch.Tensor,
         blocked: torch.Tensor | None,
         layer_id: int,
-        cache: KVCache | None,
+        cache: KVCache | RowSlots | None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         x = self.input_layernorm(h)
@@ -303,6 +303,32 @@ class ChatGLMModel(nn.Module):
             cache.advance(n)
         return self.final_layernorm(h.to(self.final_layernorm.weight.device))
 
+    def decode_rows(
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Final hidden states ``[n, 1, hidden]`` for one new token of each of ``n`` sequences held in rows
+        of ``cache`` (see ``ChatGLMForConditionalGeneration.decode_rows``).  A generated token sits at
+        ``[mask_position, index + block_offset]``, both of its row, kept by the row's prefill."""
+        cfg = self.config
+        dtype = self.word_embeddings.weight.dtype
+        index = torch.arange(input_ids.shape[0], device=positions.device) if rows is None else rows
+        state = cache.state
+        position_ids = torch.stack([state["mask_position"][index], positions + state["block_offset"][index]], dim=1)
+        # every row attends over the cache's positions up to its new token (the prompt was bidirectional
+        # at prefill; generated tokens are causal), and over a P-Tuning prefix
+        blocked = torch.arange(cache.max_length, device=positions.device)[None] > positions[:, None]
+        prefix = self._prefix(cache, input_ids.shape[0], dtype)
+        if prefix is not None:
+            blocked = F.pad(blocked, (cfg.pre_seq_len, 0), value=False)
+        cos, sin = rotary_cos_sin(position_ids[:, :, None], cfg.head_dim, dtype)
+        slots = RowSlots(cache, rows, positions)
+        h = self.word_embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
+            h = layer(h.to(dev), cos.to(dev), sin.to(dev), blocked[:, None, None].to(dev), i, slots,
+                      None if prefix is None else prefix[i])  # fmt: skip
+        return self.final_layernorm(h.to(self.final_layernorm.weight.device))
+
     def _prefill_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,6 +377,12 @@ class ChatGLMModel(nn.Module):
             state.clear()
         state["mask_position"] = position_ids[:, 0, -1]
         state["block_offset"] = position_ids[:, 1, -1] - (past + n - 1)
+        if cache.row_of is not None:  # a row of a batch cache: decode_rows reads its positions there
+            batch, row = cache.row_of
+            for name in ("mask_position", "block_offset"):
+                rows = batch.state.setdefault(name, torch.zeros(batch.keys[0].shape[0], dtype=torch.long,
+                                                                device=position_ids.device))  # fmt: skip
+                rows[row] = state[name][0]
         if blocked is not None:
             if "key_blocked" not in state:
                 state["key_blocked"] = torch.zeros(
@@ -437,3 +469,16 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if last_only:
             h = h[:, -1:]
         return CausalLMOutput(logits=F.linear(h, self.transformer.word_embeddings.weight))
+
+    def decode_rows(
+        self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token for each of several sequences stored in rows of ``cache`` (the engine's decode step).
+
+        ``input_ids`` ``[n, 1]``; row ``rows[i]`` (row ``i`` when ``rows`` is None) holds ``positions[i]``
+        tokens, filled by ``forward`` on ``cache.row(rows[i])`` (which keeps the row's 2D position in
+        ``cache.state``), and the new token goes to index ``positions[i]``.  Shapes depend only on ``n``
+        and the cache, and nothing waits for the device.  Returns next-token logits ``[n, vocab]``.
+        """
+        h = self.transformer.decode_rows(input_ids, cache, rows, positions)
+        return F.linear(h, self.transformer.word_embeddings.weight)[:, -1]

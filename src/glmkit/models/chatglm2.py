@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import Block, CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache, RowSlots
 from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values
 from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
@@ -356,34 +356,6 @@ class ChatGLMModel(nn.Module):
         if cache is not None:
             cache.state["prefix"] = kv
         return kv
-
-
-class RowSlots:
-    """Stands in for a ``KVCache`` in ``decode_rows``: the new key/value of sequence ``j`` goes to row
-    ``rows[j]`` of ``cache`` (row ``j`` when ``rows`` is None) at index ``positions[j]``, and attention
-    reads those rows whole (the mask hides what lies past each row's own length).
-
-    With ``rows=None`` the rows are the leading ones, read as a view of the cache: no gather, the same
-    addresses at every step, which is what a CUDA graph replays."""
-
-    def __init__(self, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor) -> None:
-        self.cache = cache
-        self.rows = rows
-        self.positions = positions
-
-    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        positions = self.positions.to(keys.device)  # layers may be spread over GPUs
-        n = key.shape[0]
-        rows = torch.arange(n, device=keys.device) if self.rows is None else self.rows.to(keys.device)
-        # written into the cache tensor itself, not a slice of it: a compiler then scatters in place,
-        # where a write through a view makes it copy the whole view back
-        keys[rows, :, positions] = key[:, :, 0]
-        values[rows, :, positions] = value[:, :, 0]
-        window = self.cache.max_length  # a window of the cache: only its first positions are read
-        if self.rows is None:
-            return keys[:n, :, :window], values[:n, :, :window]
-        return keys[rows, :, :window], values[rows, :, :window]
 
 
 def full_attention_blocked(
