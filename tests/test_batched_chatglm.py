@@ -82,6 +82,18 @@ def chatglm3_engine(network) -> tuple[Engine, object, object]:
     return Engine(network, tokenizer, stop_token_ids=template.stop_token_ids(tokenizer)), tokenizer, template
 
 
+def run_together(scheduler: Scheduler, prompts: list[list[int]], configs: list) -> list[tuple[str, list[int]]]:
+    """Every request submitted at once to a batched scheduler; (text, ids) of each, in order."""
+    assert scheduler.batched
+    try:
+        inboxes = [queue.Queue() for _ in prompts]
+        for p, c, inbox in zip(prompts, configs, inboxes, strict=True):
+            scheduler.submit(p, c, inbox.put)
+        return [collect(inbox) for inbox in inboxes]
+    finally:
+        scheduler.close()
+
+
 def collect(inbox: queue.Queue, timeout: float = 60) -> tuple[str, list[int]]:
     text, token_ids = "", []
     while True:
@@ -106,15 +118,7 @@ def test_scheduler_batches_chatglm3_like_single_requests(model, tuned, which):
     configs = [GenerationConfig(do_sample=False, max_new_tokens=n) for n in (12, 20, 6, 16, 10)]
     alone = [engine.generate(p, c) for p, c in zip(prompts, configs, strict=True)]
 
-    scheduler = Scheduler(engine, max_active=3, max_queue=8)
-    assert scheduler.batched
-    try:
-        inboxes = [queue.Queue() for _ in prompts]
-        for p, c, inbox in zip(prompts, configs, inboxes, strict=True):
-            scheduler.submit(p, c, inbox.put)
-        together = [collect(inbox) for inbox in inboxes]
-    finally:
-        scheduler.close()
+    together = run_together(Scheduler(engine, max_active=3, max_queue=8), prompts, configs)
     assert [ids for _, ids in together] == [r.token_ids for r in alone]
     assert [text for text, _ in together] == [r.text for r in alone]
     assert any(len(r.token_ids) > 1 for r in alone)
@@ -155,13 +159,6 @@ def test_scheduler_batches_chatglm_6b_like_single_requests():
     configs = [GenerationConfig(do_sample=False, max_new_tokens=n) for n in (12, 20, 6, 16)]
     alone = [engine.generate(p, c) for p, c in zip(prompts, configs, strict=True)]
     scheduler = Scheduler(engine, max_active=3, max_queue=8, prefill_chunk=4)  # the prompts are never cut
-    assert scheduler.batched
-    try:
-        inboxes = [queue.Queue() for _ in prompts]
-        for p, c, inbox in zip(prompts, configs, inboxes, strict=True):
-            scheduler.submit(p, c, inbox.put)
-        together = [collect(inbox) for inbox in inboxes]
-    finally:
-        scheduler.close()
+    together = run_together(scheduler, prompts, configs)
     assert [ids for _, ids in together] == [r.token_ids for r in alone]
     assert any(len(r.token_ids) > 1 for r in alone)
