@@ -723,7 +723,11 @@ def test_header_examples_and_a_max_new_tokens_setting_of_its_own(mounted, demo_c
     page.locator("#examples").get_by_text("Write a haiku about the sea.").click()  # an example fills the box
     page.wait_for_function("document.querySelector('#message textarea').value === 'Write a haiku about the sea.'")
     scripted.reply = "ok"
+    asked = len(scripted.configs)
     page.press("#message textarea", "Enter")
+    deadline = time.monotonic() + 30  # the idle status is there before the request too: wait for it to come
+    while len(scripted.configs) == asked and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # not time.sleep: the page's routed requests are handled while Playwright waits
     page.wait_for_selector(CHAT_IDLE, state="attached")
     assert scripted.configs[-1].max_new_tokens == 7
     assert messages(page, "user")[-1] == "Write a haiku about the sea."
