@@ -5,11 +5,11 @@ settings and finishes on its own; a cancelled request (a client that went away) 
 step and frees its place.  Past ``max_active + max_queue`` requests, ``QueueFull`` is raised so the
 server can answer 429 instead of queueing without bound.
 
-Models with ``decode_rows`` (``models/llama.py``, ``models/chatglm2.py``) decode all active requests as one batch: each
-request owns a row of one KV cache and sits at its own position, and every step is the engine's
-``DecodeStep`` (a replayed CUDA graph per batch-size bucket on CUDA) followed by one batched draw of the
-``Sampler`` and one host sync.  Other models get the same interface with requests advanced in turn, one
-step each.
+Models with ``decode_rows`` (``models/llama.py``, ``models/chatglm.py``, ``models/chatglm2.py``) decode all
+active requests as one batch: each request owns a row of one KV cache and sits at its own position, and
+every step is the engine's ``DecodeStep`` (a replayed CUDA graph per batch-size bucket on CUDA) followed
+by one batched draw of the ``Sampler`` and one host sync.  Other models get the same interface with
+requests advanced in turn, one step each.
 
 The batch cache's size is fixed when the scheduler starts: rows of ``context_length`` positions, as
 many as ``max_active`` asks and the memory budget (``kv_cache_bytes``) holds (``max_active`` is lowered
