@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from percentiles import percentile
 from random_chatglm2 import random_chatglm2
 
 from glmkit.engine import Engine, GenerationConfig, iter_tokens
@@ -104,11 +105,6 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return "".join(chr(0x4E00 + i % 20000) for i in ids)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def gaps_ms(stamps: list[float]) -> list[float]:

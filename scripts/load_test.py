@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
+from percentiles import percentile
 
 PROMPTS = [
     "What is the capital of France?",
@@ -60,11 +61,6 @@ def _loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _auth() -> dict[str, str]:
@@ -138,9 +134,9 @@ async def _level(url: str, clients: int, rounds: int, max_tokens: int, time_limi
         "errors": len(errors),
         "rps": len(ok) / wall,
         "tps": sum(r.tokens for r in ok) / wall,
-        "p50": _percentile(latencies, 0.5) if ok else math.nan,
-        "p99": _percentile(latencies, 0.99) if ok else math.nan,
-        "ttft": _percentile(firsts, 0.5) if firsts else math.nan,
+        "p50": percentile(latencies, 0.5) if ok else math.nan,
+        "p99": percentile(latencies, 0.99) if ok else math.nan,
+        "ttft": percentile(firsts, 0.5) if firsts else math.nan,
     }
 
 

@@ -90,11 +90,10 @@ class _Row:
     handle: RequestHandle
     reply: ReplyBuilder
     slot: int
-    length: int  # positions of the row filled so far
     last_token: int
     limit: int  # the most positions the request can fill: prompt + token budget
     cache: KVCache  # the row as a one-row cache (its model state, for reuse by a later prompt)
-    tokens: list[int]  # the ids whose keys and values the row holds: ``length`` of them
+    tokens: list[int]  # the ids whose keys and values the row holds, one a filled position
 
 
 @dataclass(eq=False)
@@ -112,11 +111,10 @@ class _Prefill:
         return len(self.handle.prompt_ids) + self.reply.budget
 
 
-def cache_rows(model: Any, wanted: int, context_length: int, budget_bytes: int | None) -> int:
-    """How many rows of ``context_length`` positions the batch cache gets: ``wanted``, or as many as
-    ``budget_bytes`` holds (default: ``DEFAULT_GPU_CACHE_SHARE`` of the free GPU memory, or
+def cache_rows(model: Any, wanted: int, context_length: int, row_bytes: int, budget_bytes: int | None) -> int:
+    """How many rows of ``context_length`` positions (``row_bytes`` each) the batch cache gets: ``wanted``,
+    or as many as ``budget_bytes`` holds (default: ``DEFAULT_GPU_CACHE_SHARE`` of the free GPU memory, or
     ``DEFAULT_HOST_CACHE_BYTES`` on a CPU or MPS)."""
-    row_bytes = model.new_cache(1, 1).nbytes * context_length
     if budget_bytes is None:
         device = model.device
         if device.type == "cuda":
@@ -152,10 +150,12 @@ class Scheduler:
         self.batched = hasattr(engine.model, "decode_rows")
         #: the longest prompt + reply one request may have (a row of the batch cache holds this many)
         self.context_length = min(engine.model.context_length, max_sequence_length)
+        # what one row of the batch cache holds (a one-position cache measured, times the row's length)
+        self._row_bytes = engine.model.new_cache(1, 1).nbytes * self.context_length if self.batched else 0
         #: requests decoding at once; in batched mode the rows of the batch cache
-        self.max_active = (
-            cache_rows(engine.model, max_active, self.context_length, kv_cache_bytes) if self.batched else max_active
-        )
+        self.max_active = max_active
+        if self.batched:
+            self.max_active = cache_rows(engine.model, max_active, self.context_length, self._row_bytes, kv_cache_bytes)
         if self.batched and self.max_active < max_active:
             # a budget the user set is worth a warning; the default one (2 GiB on a CPU) only an info line
             logger.log(
@@ -197,9 +197,7 @@ class Scheduler:
     @property
     def cache_budget_bytes(self) -> int:
         """What the batch KV cache holds once allocated: known from the start, the same at every request."""
-        if not self.batched:
-            return 0
-        return self.engine.model.new_cache(1, 1).nbytes * self.context_length * self.max_active
+        return self._row_bytes * self.max_active
 
     @property
     def load(self) -> tuple[int, int]:
@@ -361,7 +359,6 @@ class Scheduler:
                 for row in rows:
                     if row not in finished:
                         row.tokens.append(row.last_token)  # the step stored its key and value
-                        row.length += 1
                         row.last_token = token_ids[row.slot]
                         if self._emit(row):
                             finished.append(row)
@@ -381,8 +378,8 @@ class Scheduler:
         # for their idle rows then lands past their prompts (see DecodeStep)
         longest = max(r.limit for r in [*rows, *self._prefilling])
         window = window_for(longest, self._cache.max_length)
-        for slot, (tokens, cache) in list(self._kept.items()):
-            if slot < n:  # idle in this step: what it writes, at the window's end at the latest, is lost
+        for slot, (tokens, cache) in self._kept.items():
+            if slot < n and len(tokens) >= window:  # idle in this step: it writes at the window's end at most
                 self._kept[slot] = (tokens[: window - 1], cache)
         try:
             self._in_flight = (rows, self._step.run(n, window))
@@ -490,8 +487,7 @@ class Scheduler:
             pending.done = end
             if end == len(prompt):
                 self._prefilling.popleft()
-                row = _Row(handle, pending.reply, pending.slot, len(prompt), first, pending.limit, pending.cache,
-                           list(prompt))  # fmt: skip
+                row = _Row(handle, pending.reply, pending.slot, first, pending.limit, pending.cache, list(prompt))
                 self._rows.append(row)
                 ready.append(row)
         return ready

@@ -104,7 +104,6 @@ class DecodeStep:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._graphed else None  # one pool for all buckets
         self._host = torch.empty(self.rows, dtype=torch.int64, pin_memory=self._graphed)
-        self._storage = cache.keys[0]  # a grown cache has new tensors: its graphs must be captured again
         self._windows: dict[int, KVCache] = {}
 
     def place(self, row: int, token: torch.Tensor | int, position: int) -> None:
@@ -134,11 +133,6 @@ class DecodeStep:
         window = min(window or self.cache.max_length, self.cache.max_length)  # the cache is never a window
         if not self._graphed:
             return self._forward(n, window)
-        if self.cache.keys[0] is not self._storage:
-            # a pool whose graphs are all gone is freed: the new graphs need a new one
-            self._graphs.clear()
-            self._pool = torch.cuda.graph_pool_handle()
-            self._storage = self.cache.keys[0]
         key = (bucket(n, self.rows), window)
         if key not in self._graphs:
             self._graphs[key] = self._capture(*key)
@@ -162,8 +156,7 @@ class DecodeStep:
         return _compiled_decode()(self.model, tokens, cache, positions)
 
     def _window(self, length: int) -> KVCache:
-        """The cache as a window of ``length`` positions (it shares the cache's lists of tensors, so a
-        grown cache's window reads the new ones)."""
+        """The cache as a window of ``length`` positions (its own tensors and state, made once a length)."""
         if length not in self._windows:
             self._windows[length] = self.cache.window(length)
         return self._windows[length]
