@@ -101,6 +101,16 @@ def causal_blocked(n: int, past: int, key_blocked: torch.Tensor | None, device: 
     return blocked[:, None]
 
 
+def rows_blocked(positions: torch.Tensor, length: int, prefix_length: int) -> torch.Tensor:
+    """The mask of a decode step over rows of a cache, ``[n, 1, 1, prefix + length]``, True where a row's
+    new token may not look: what lies past its own index ``positions[i]`` (the stale tail that a longer
+    row, or an earlier request in the same row, left there); a P-Tuning prefix is seen by every row."""
+    blocked = torch.arange(length, device=positions.device)[None] > positions[:, None]
+    if prefix_length:
+        blocked = F.pad(blocked, (prefix_length, 0), value=False)
+    return blocked[:, None, None]
+
+
 class PrefixEncoder(nn.Module):
     """P-Tuning v2: ``pre_seq_len`` trained key/value vectors for every layer, optionally made by an MLP
     ``embedding -> Linear(embedding_size, hidden) -> Tanh -> Linear(hidden, kv_size)`` (the embedding is
@@ -287,21 +297,10 @@ class ChatGLMModel(nn.Module):
             blocked = F.pad(blocked, (self.config.pre_seq_len, 0), value=False)  # everyone sees the prefix
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, dtype)
 
-        h = self.word_embeddings(input_ids)
-        for i, layer in enumerate(self.layers):
-            dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
-            h = layer(
-                h.to(dev),
-                cos.to(dev),
-                sin.to(dev),
-                None if blocked is None else blocked.to(dev),
-                i,
-                cache,
-                None if prefix is None else prefix[i],
-            )
+        h = self._layers(self.word_embeddings(input_ids), cos, sin, blocked, cache, prefix)
         if cache is not None:
             cache.advance(n)
-        return self.final_layernorm(h.to(self.final_layernorm.weight.device))
+        return h
 
     def decode_rows(
         self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, positions: torch.Tensor
@@ -314,19 +313,34 @@ class ChatGLMModel(nn.Module):
         index = torch.arange(input_ids.shape[0], device=positions.device) if rows is None else rows
         state = cache.state
         position_ids = torch.stack([state["mask_position"][index], positions + state["block_offset"][index]], dim=1)
-        # every row attends over the cache's positions up to its new token (the prompt was bidirectional
-        # at prefill; generated tokens are causal), and over a P-Tuning prefix
-        blocked = torch.arange(cache.max_length, device=positions.device)[None] > positions[:, None]
+        # the prompt was bidirectional at prefill; a generated token attends causally, as in the others
         prefix = self._prefix(cache, input_ids.shape[0], dtype)
-        if prefix is not None:
-            blocked = F.pad(blocked, (cfg.pre_seq_len, 0), value=False)
+        blocked = rows_blocked(positions, cache.max_length, cfg.pre_seq_len if prefix else 0)
         cos, sin = rotary_cos_sin(position_ids[:, :, None], cfg.head_dim, dtype)
         slots = RowSlots(cache, rows, positions)
-        h = self.word_embeddings(input_ids)
+        return self._layers(self.word_embeddings(input_ids), cos, sin, blocked, slots, prefix)
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        blocked: torch.Tensor | None,
+        cache: KVCache | RowSlots | None,
+        prefix: list[tuple[torch.Tensor, ...]] | None,
+    ) -> torch.Tensor:
+        """The decoder layers and the final norm."""
         for i, layer in enumerate(self.layers):
             dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
-            h = layer(h.to(dev), cos.to(dev), sin.to(dev), blocked[:, None, None].to(dev), i, slots,
-                      None if prefix is None else prefix[i])  # fmt: skip
+            h = layer(
+                h.to(dev),
+                cos.to(dev),
+                sin.to(dev),
+                None if blocked is None else blocked.to(dev),
+                i,
+                cache,
+                None if prefix is None else prefix[i],
+            )
         return self.final_layernorm(h.to(self.final_layernorm.weight.device))
 
     def _prefill_inputs(

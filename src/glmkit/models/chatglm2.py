@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmkit.errors import GlmkitError
 from glmkit.models.base import Block, CausalLMOutput, KVCache, RowSlots
-from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values
+from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values, rows_blocked
 from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
 
@@ -286,15 +286,11 @@ class ChatGLMModel(nn.Module):
         cfg = self.config
         dtype = self.embedding.word_embeddings.weight.dtype
         prefix = self._prefix(cache, input_ids.shape[0], dtype)  # the same for every row: kept in cache.state
-        # static shapes, no host sync: every row attends over the cache's whole capacity, and the mask
-        # [n, 1, 1, prefix+capacity] hides what lies past its own new token (the stale tail that a longer
-        # row, or an earlier request in the same row, left there)
-        blocked = torch.arange(cache.max_length, device=positions.device)[None] > positions[:, None]
-        if prefix is not None:
-            blocked = F.pad(blocked, (cfg.pre_seq_len, 0), value=False)
+        # static shapes, no host sync: every row attends over the cache's whole window under a mask
+        blocked = rows_blocked(positions, cache.max_length, cfg.pre_seq_len if prefix else 0)
         cos, sin = rotary_cos_sin(positions[:, None], cfg.kv_channels, 10000 * cfg.rope_ratio, dtype)
         slots = RowSlots(cache, rows, positions)
-        return self._layers(self.embedding(input_ids), cos, sin, blocked[:, None, None], slots, prefix)
+        return self._layers(self.embedding(input_ids), cos, sin, blocked, slots, prefix)
 
     def _layers(
         self,
