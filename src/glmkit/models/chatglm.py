@@ -101,6 +101,30 @@ def causal_blocked(n: int, past: int, key_blocked: torch.Tensor | None, device: 
     return blocked[:, None]
 
 
+def run_layers(
+    layers: nn.ModuleList,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    blocked: torch.Tensor | None,
+    cache: Any,
+    prefix: list[tuple[torch.Tensor, ...]] | None,
+) -> torch.Tensor:
+    """The GLM decoder layers in turn, each on its own device (layers may be spread over GPUs)."""
+    for i, layer in enumerate(layers):
+        dev = layer.input_layernorm.weight.device
+        h = layer(
+            h.to(dev),
+            cos.to(dev),
+            sin.to(dev),
+            None if blocked is None else blocked.to(dev),
+            i,
+            cache,
+            None if prefix is None else prefix[i],
+        )
+    return h
+
+
 def rows_blocked(positions: torch.Tensor, length: int, prefix_length: int) -> torch.Tensor:
     """The mask of a decode step over rows of a cache, ``[n, 1, 1, prefix + length]``, True where a row's
     new token may not look: what lies past its own index ``positions[i]`` (the stale tail that a longer
@@ -330,17 +354,7 @@ class ChatGLMModel(nn.Module):
         prefix: list[tuple[torch.Tensor, ...]] | None,
     ) -> torch.Tensor:
         """The decoder layers and the final norm."""
-        for i, layer in enumerate(self.layers):
-            dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
-            h = layer(
-                h.to(dev),
-                cos.to(dev),
-                sin.to(dev),
-                None if blocked is None else blocked.to(dev),
-                i,
-                cache,
-                None if prefix is None else prefix[i],
-            )
+        h = run_layers(self.layers, h, cos, sin, blocked, cache, prefix)
         return self.final_layernorm(h.to(self.final_layernorm.weight.device))
 
     def _prefill_inputs(

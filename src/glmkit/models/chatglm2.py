@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmkit.errors import GlmkitError
 from glmkit.models.base import Block, CausalLMOutput, KVCache, RowSlots
-from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values, rows_blocked
+from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values, rows_blocked, run_layers
 from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
 
@@ -302,17 +302,7 @@ class ChatGLMModel(nn.Module):
         prefix: list[tuple[torch.Tensor, ...]] | None,
     ) -> torch.Tensor:
         """The decoder layers and the final norm, on the output layer's device."""
-        for i, layer in enumerate(self.encoder.layers):
-            dev = layer.input_layernorm.weight.device  # layers may be spread over GPUs
-            h = layer(
-                h.to(dev),
-                cos.to(dev),
-                sin.to(dev),
-                None if blocked is None else blocked.to(dev),
-                i,
-                cache,
-                None if prefix is None else prefix[i],
-            )
+        h = run_layers(self.encoder.layers, h, cos, sin, blocked, cache, prefix)
         return self.encoder.final_layernorm(h.to(self.output_layer.weight.device))
 
     def _key_blocked(
