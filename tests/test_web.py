@@ -269,6 +269,19 @@ def messages(page, role: str) -> list[str]:
     return page.locator(f"[data-testid={role}]").all_inner_texts()
 
 
+def settled_reply(page, still_s: float = 1.0, timeout_s: float = 15.0) -> str:
+    """The last reply once it has not changed for ``still_s``: Stop's redraw lands after the cut stream."""
+    shown, since = messages(page, "bot")[-1], time.monotonic()
+    deadline = since + timeout_s
+    while time.monotonic() - since < still_s:
+        assert time.monotonic() < deadline, "the reply kept changing after Stop"
+        page.wait_for_timeout(100)
+        now = messages(page, "bot")[-1]
+        if now != shown:
+            shown, since = now, time.monotonic()
+    return shown
+
+
 # Each change of the last reply, as the browser showed it; installed before sending.
 RECORD_REPLIES = """() => {
   window.replyStates = [];
@@ -357,13 +370,28 @@ def test_stop_cancels_the_reply_and_keeps_what_was_shown(mounted, demo_chat, pag
     while scripted.ended == ended and time.monotonic() < deadline:
         time.sleep(0.05)
     assert scripted.ended == ended + 1, "the scheduler's stream was not closed"
-    shown = messages(page, "bot")[-1]
-    time.sleep(0.5)
-    assert messages(page, "bot")[-1] == shown and 0 < len(shown) < len(scripted.reply.strip())
+    shown = settled_reply(page)
+    assert 0 < len(shown) < len(scripted.reply.strip())
     scripted.reply, scripted.pause = "next answer", 0.01
     send(page, "Go on")
     assert messages(page, "bot") == [shown, "next answer"]  # the cut reply stays in the conversation
     assert shown.strip() in demo_chat.tokenizer.decode(scripted.prompts[-1])  # and the model reads it
+
+
+@needs_chromium
+def test_clear_while_a_reply_streams_forgets_it(mounted, demo_chat, page):
+    base, scripted, _ = mounted
+    scripted.reply, scripted.pause = "word " * 400, 0.1
+    open_chat(page, f"{base}/scripted/")
+    page.fill("#message textarea", "Talk for a long time")
+    page.press("#message textarea", "Enter")
+    page.get_by_text("word word word").wait_for()
+    page.click("#clear")
+    page.locator("[data-testid=user]").first.wait_for(state="detached")
+    scripted.reply, scripted.pause = "fresh start", 0.01
+    send(page, "Hello")
+    assert messages(page, "bot") == ["fresh start"]
+    assert scripted.prompts[-1] == demo_chat.encode(demo_chat.build_messages("Hello", []))  # nothing of the cut turn
 
 
 @needs_chromium

@@ -9,6 +9,7 @@ The page is served by glmkit's HTTP server (``glmkit.serve.server``), alone or b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -84,6 +85,50 @@ def _placement(chat_model: ChatModel) -> tuple[str, str]:
     return str(parameter.device), str(parameter.dtype).removeprefix("torch.")
 
 
+class _Replies:
+    """The reply each browser session is streaming, so that Stop and Clear act on where it really ended.
+
+    Stop and Clear cancel the reply through Gradio while their own handler already runs; until the
+    cancellation lands, the reply may still add text to the conversation the handler has read.  So
+    they wait for the reply to end and take its last state from here.  An ended reply's entry is
+    dropped after ``KEEP_S``: a Stop later than that finds the conversation's state final anyway.
+    """
+
+    KEEP_S = 30.0
+    WAIT_S = 10.0
+
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[asyncio.Event, list[list[Message]]]] = {}
+
+    def start(self, session: str, turn: list[Message]) -> list[list[Message]]:
+        """Track the reply of ``session``; the returned one-item list holds its latest conversation."""
+        latest = [turn]
+        self._running[session] = (asyncio.Event(), latest)
+        return latest
+
+    def end(self, session: str, latest: list[list[Message]]) -> None:
+        entry = self._running.get(session)
+        if entry is None or entry[1] is not latest:  # a newer reply of the session has taken the place
+            return
+        entry[0].set()
+
+        def drop() -> None:
+            if self._running.get(session) is entry:
+                del self._running[session]
+
+        asyncio.get_running_loop().call_later(self.KEEP_S, drop)
+
+    async def settled(self, session: str, history: list[Message]) -> list[Message]:
+        """The conversation of ``session`` once its reply (if any) has ended; ``history`` otherwise."""
+        entry = self._running.get(session)
+        if entry is None:
+            return history
+        done, latest = entry
+        with contextlib.suppress(TimeoutError):  # a reply that does not stop in time: what it had so far
+            await asyncio.wait_for(done.wait(), self.WAIT_S)
+        return latest[0]
+
+
 def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None = None) -> gr.Blocks:
     """The chat page for ``chat_model``; every reply is generated through ``scheduler``.  ``api_docs``:
     where the HTTP API's documentation is, when the API is served beside the page (the footer links it)."""
@@ -91,6 +136,7 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
     defaults = chat_model.generation_config
     context = scheduler.context_length  # the longest prompt + reply the scheduler serves
     first_card = next(iter(EXAMPLE_CARDS.values())) if is_character else dict.fromkeys(CARD_FIELDS, "")
+    replies = _Replies()
 
     def prepare(
         message: str,
@@ -113,6 +159,7 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
         return messages, prompt_ids, config
 
     async def respond(
+        request: gr.Request,  # first: Gradio passes it positionally, before the inputs
         message: str,
         history: list[Message],
         system: str,
@@ -137,28 +184,39 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
             yield gr.skip(), gr.skip(), gr.skip()
             return
         turn = [*history, {"role": "user", "content": message}]
-        yield "", render(turn, greeting, typing=True), turn
-        text = ""
+        latest = replies.start(request.session_hash, turn)
         try:
-            async for chunk in scheduler.stream(prompt_ids, config):
-                text += chunk.text
-                if chunk.text or chunk.finish_reason:  # at the end too: an empty reply is still a turn
-                    _, reply = chat_model.template.postprocess(text, messages)
-                    # the textbox is left alone now: the user may already be typing the next message
-                    yield gr.skip(), render([*turn, *reply], greeting), [*turn, *reply]
-        except QueueFull:
-            gr.Warning("The server is busy with other conversations; please send your message again shortly.")
-        except GlmkitError as exc:  # e.g. the server is shutting down and the grace is over
-            gr.Warning(str(exc))
-        else:
-            return
-        if not text:  # nothing was answered: give the message back to edit or resend
-            yield message, render(history, greeting), history
+            yield "", render(turn, greeting, typing=True), turn
+            text = ""
+            try:
+                async for chunk in scheduler.stream(prompt_ids, config):
+                    text += chunk.text
+                    if chunk.text or chunk.finish_reason:  # at the end too: an empty reply is still a turn
+                        _, reply = chat_model.template.postprocess(text, messages)
+                        latest[0] = [*turn, *reply]
+                        # the textbox is left alone now: the user may already be typing the next message
+                        yield gr.skip(), render(latest[0], greeting), latest[0]
+            except QueueFull:
+                gr.Warning("The server is busy with other conversations; please send your message again shortly.")
+            except GlmkitError as exc:  # e.g. the server is shutting down and the grace is over
+                gr.Warning(str(exc))
+            else:
+                return
+            if not text:  # nothing was answered: give the message back to edit or resend
+                latest[0] = history
+                yield message, render(history, greeting), history
+        finally:
+            replies.end(request.session_hash, latest)
 
-    def redraw(history: list[Message], greeting: str) -> list[dict[str, str]]:  # after Stop: no "typing…" left
-        return render(history, greeting if is_character else "")
+    async def redraw(
+        history: list[Message], greeting: str, request: gr.Request
+    ) -> tuple[list[Message], list[dict[str, str]]]:
+        """After Stop: the conversation as the cut reply left it, with no "typing…" left."""
+        kept = await replies.settled(request.session_hash, history)
+        return kept, render(kept, greeting if is_character else "")
 
-    def clear(greeting: str) -> tuple[list[Message], list[dict[str, str]]]:
+    async def clear(greeting: str, request: gr.Request) -> tuple[list[Message], list[dict[str, str]]]:
+        await replies.settled(request.session_hash, [])  # a reply still ending must not bring its turn back
         return [], render([], greeting if is_character else "")
 
     def pick_card(name: str) -> list[str]:
@@ -237,9 +295,13 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
             trigger(respond, inputs, [box, chatbot, history], concurrency_limit=None)
             for trigger in (box.submit, send.click)
         ]
-        stop.click(redraw, [history, card_boxes[-1]], chatbot, cancels=answers)
+        # the cancellation is its own event, registered first: the handler after it waits for the cut
+        # reply to end, and Gradio sends a cancellation given to the same event only after its handler
+        stop.click(None, cancels=answers)
+        stop.click(redraw, [history, card_boxes[-1]], [history, chatbot])
         for clearing in (clear_button.click, chatbot.clear):  # the button and the Chatbot's own trash icon
-            clearing(clear, card_boxes[-1], [history, chatbot], cancels=answers)
+            clearing(None, cancels=answers)
+            clearing(clear, card_boxes[-1], [history, chatbot])
         example.input(pick_card, example, card_boxes)
         upload.upload(upload_card, upload, card_boxes)
         card_boxes[-1].change(render, [history, card_boxes[-1]], chatbot)
