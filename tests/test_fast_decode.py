@@ -17,6 +17,7 @@ from glmkit.engine.step import DecodeStep, bucket
 from glmkit.models import load_model
 from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 from glmkit.models.llama import LlamaConfig, LlamaForCausalLM
+from glmkit.models.quantize import quantize_model
 
 GREEDY = GenerationConfig(do_sample=False, max_new_tokens=24)
 PROMPT = [64790, 64792, 30910, 13, 4, 900, 77, 12]
@@ -80,16 +81,28 @@ def test_rows_of_a_step_decode_independently():
     assert step.positions[:3].tolist() == [8, 39, 13]  # the idle row 1 stays at the last index
 
 
-def test_compiled_step_on_cpu_gives_the_eager_tokens(monkeypatch):
+def compiled_tokens(monkeypatch, model) -> list[int]:
+    """Greedy tokens through the compiled step on the CPU (skipped where inductor cannot compile)."""
     pytest.importorskip("torch._inductor")
-    model = tiny_llama()
-    eager = generate_tokens(model, PROMPT, GREEDY)
     monkeypatch.setenv("GLMKIT_DECODE", "compiled")
     try:
-        compiled = generate_tokens(model, PROMPT, GREEDY)
+        return generate_tokens(model, PROMPT, GREEDY)
     except Exception as exc:  # no C++ compiler for inductor here
         pytest.skip(f"torch.compile does not run on this CPU: {exc!r:.200}")
-    assert compiled == eager
+
+
+def test_compiled_step_on_cpu_gives_the_eager_tokens(monkeypatch):
+    model = tiny_llama()
+    eager = generate_tokens(model, PROMPT, GREEDY)
+    assert compiled_tokens(monkeypatch, model) == eager
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_step_over_quantized_linears_gives_the_eager_tokens(monkeypatch, bits):
+    """The INT8 / INT4 CPU kernels inside the compiled step (on CUDA the same step is also graphed)."""
+    model = quantize_model(tiny_chatglm2(), bits)
+    eager = generate_tokens(model, PROMPT, GREEDY)
+    assert compiled_tokens(monkeypatch, model) == eager and len(set(eager)) > 3
 
 
 def test_buckets():

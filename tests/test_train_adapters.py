@@ -106,7 +106,9 @@ def test_export_merges_lora_into_the_original_format(tmp_path, kind):
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert (out / "tokenizer_config.json").is_file()
     merged = glmkit.load(out, device="cpu")
-    torch.testing.assert_close(logits_of(merged.model, prompt), expected, atol=1e-4, rtol=1e-4)
+    # merging sums in another order: equal up to float32 rounding at the logits' scale (which elements round
+    # apart depends on the CPU's kernels: 3.7e-6 of the scale was seen)
+    assert (logits_of(merged.model, prompt) - expected).abs().max() <= 3e-5 * expected.abs().max()
     if kind == "llama":  # transformers reads the merged Llama directory as it is
         from transformers import AutoModelForCausalLM
 

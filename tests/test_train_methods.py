@@ -43,6 +43,7 @@ CASES = [
     ("v1-learnable", "full", {"learning_rate": 5e-3, "max_steps": 25}, True),
 ]
 GLM = {"v1", "v3", "v1-learnable"}
+MERGE_TOLERANCE = 3e-5  # of the logits' largest magnitude
 
 
 def chat_answer(network, model_dir, family, question) -> str:
@@ -75,8 +76,9 @@ def test_method_learns_the_answer_and_reloads(model_dirs, tmp_path, family, meth
         exact = apply_adapter(glmkit.load(model_dir, device="cpu"), out, merge=False)
         assert torch.equal(logits_of(exact.model, prompt), trained)
         merged = glmkit.load(model_dir, device="cpu", adapter=out)
-        # merging sums in another order: equal to float32 rounding of the logits' scale
-        assert (logits_of(merged.model, prompt) - trained).abs().max() <= 1e-5 * trained.abs().max()
+        # merging sums in another order: equal up to float32 rounding at the logits' scale (which elements
+        # round apart depends on the CPU's kernels: up to 1.02e-5 of the scale was seen)
+        assert (logits_of(merged.model, prompt) - trained).abs().max() <= MERGE_TOLERANCE * trained.abs().max()
         if learns:
             assert merged.chat(question, temperature=0, max_new_tokens=16)[0] == answer
     if method == "ptuning":  # the official layout: only the prefix encoder, its settings in config.json

@@ -93,14 +93,15 @@ def rows_for(model_dir: Path, template: str, pairs: list[tuple[str, str]]) -> tu
 
 
 def fit(model_dir: Path, output_dir: Path, rows: list[dict], pad: int, **settings) -> TrainResult:
-    """Train in this process on CPU; ``settings`` go to MethodArgs or TrainingArgs by name."""
-    method_fields = set(MethodArgs.__dataclass_fields__)
+    """Train in this process on CPU; ``settings`` go to ModelArgs, MethodArgs or TrainingArgs by name."""
+    model_fields, method_fields = set(ModelArgs.__dataclass_fields__), set(MethodArgs.__dataclass_fields__)
     method = MethodArgs(**{k: v for k, v in settings.items() if k in method_fields})
     training = TrainingArgs(
         **{"output_dir": str(output_dir), "device": "cpu", "batch_size": 1, "logging_steps": 1}
-        | {k: v for k, v in settings.items() if k not in method_fields}
+        | {k: v for k, v in settings.items() if k not in method_fields | model_fields}
     )
-    return train(ModelArgs(model=str(model_dir)), method, training, rows, pad)
+    model = ModelArgs(model=str(model_dir), **{k: v for k, v in settings.items() if k in model_fields})
+    return train(model, method, training, rows, pad)
 
 
 @torch.no_grad()

@@ -205,13 +205,10 @@ def load(
     ChatGLM model's layers over that many CUDA GPUs; ``quantize`` (4 or 8) quantizes the decoder linears
     while loading (INT4 in groups of ``group_size``, default 32).  Quantized checkpoints (``glmkit
     quantize``, the official ChatGLM INT4/INT8 ones) load quantized as they are.  ``adapter`` applies what
-    ``glmkit train`` wrote: a LoRA adapter folder (merged into the weights) or a P-Tuning v2 checkpoint folder.
+    ``glmkit train`` wrote: a LoRA adapter folder (merged into the weights; over quantized weights its layers
+    stay beside them, as ``glmkit train --quantize`` trained them) or a P-Tuning v2 checkpoint folder.
     """
     # every setting is checked before anything is downloaded, converted or loaded
-    if adapter is not None and quantize is not None:
-        raise GlmkitError(
-            "--adapter and --quantize together: merge the adapter first (glmkit export), then quantize the result"
-        )
     if adapter is not None and ptuning_checkpoint is not None:
         raise GlmkitError("give either an adapter or a P-Tuning checkpoint, not both")
     for path, what in ((adapter, "the adapter"), (ptuning_checkpoint, "the P-Tuning checkpoint")):

@@ -8,12 +8,15 @@ official remote-code models load unchanged.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from glmkit.errors import GlmkitError
 from glmkit.models.loading import PREFIX_ENCODER, attach_prefix_encoder, read_ptuning_checkpoint
+from glmkit.models.quantize import QuantizedLinear
 
 LORA_CONFIG = "adapter_config.json"
 
@@ -38,9 +41,27 @@ def peft_target(network: nn.Module) -> nn.Module:
     return network.model if isinstance(network, HFCausalLM) else network
 
 
+def is_quantized(network: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in network.modules())
+
+
+def inject_lora(network: nn.Module, config: Any) -> nn.Module:
+    """``get_peft_model`` over ``network``'s own modules, quantized linears included: peft's LoRA layer
+    only calls its base layer, so it wraps glmkit's INT8/INT4 linears as it wraps ``nn.Linear`` (the
+    base stays frozen; gradients reach the LoRA weights through ``quantized_matmul``)."""
+    from peft import get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    config._register_custom_module(dict.fromkeys(QuantizedLinear, LoraLinear))
+    with warnings.catch_warnings():  # peft's "Unsupported layer type" for the custom modules registered above
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return get_peft_model(peft_target(network), config)
+
+
 def apply_adapter(network: nn.Module, path: str | Path, merge: bool = True) -> nn.Module:
     """``network`` with the adapter at ``path``; a LoRA adapter is merged into the weights unless ``merge``
-    is False (then peft's LoRA layers stay in place).  Changes ``network`` in place and returns it."""
+    is False or the weights are quantized (then peft's LoRA layers stay in place, beside the quantized
+    linears).  Changes ``network`` in place and returns it."""
     path = Path(path)
     if adapter_kind(path) == "ptuning":
         settings, tensors = read_ptuning_checkpoint(path)
@@ -53,7 +74,7 @@ def apply_adapter(network: nn.Module, path: str | Path, merge: bool = True) -> n
             raise GlmkitError(f"{path} does not fit this model's prefix encoder: {exc}") from exc
         return network
     model = load_lora(network, path)
-    if merge:
+    if merge and not is_quantized(network):
         model.merge_and_unload()  # folds the LoRA layers into the weights, in place
     return network
 
@@ -62,7 +83,7 @@ def load_lora(network: nn.Module, path: Path) -> nn.Module:
     """Inject the LoRA layers an adapter folder describes into ``network`` and load their weights; every
     adapter tensor must find its module.  Returns the peft model (its ``base_model.model`` is the network's
     own module tree)."""
-    from peft import LoraConfig, PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, PeftConfig, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     try:
@@ -76,7 +97,7 @@ def load_lora(network: nn.Module, path: Path) -> nn.Module:
     config.task_type, config.inference_mode = None, True
     was_training = network.training
     try:
-        model = get_peft_model(peft_target(network), config)
+        model = inject_lora(network, config)
     except ValueError as exc:  # no module of the model matches target_modules
         raise GlmkitError(f"{path} does not fit this model: {exc}") from exc
     network.train(was_training)  # the injected layers (their dropout) start in training mode

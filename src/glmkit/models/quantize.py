@@ -111,12 +111,15 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias, through the device's kernel (not differentiable)."""
         scale = self.weight_scale.to(x.dtype)
-        if x.device.type == "cpu" and not _wants_grad(x):
-            out = torch._weight_int8pack_mm(_rows_2d(x), self.weight, scale).view(*x.shape[:-1], -1)
-        else:  # differentiable in x; under torch.compile the int8 -> float cast fuses into the matmul
-            out = F.linear(x, self.weight.to(x.dtype)) * scale
+        if x.device.type == "cpu":
+            return torch._weight_int8pack_mm(_rows_2d(x), self.weight, scale).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype)) * scale  # under torch.compile the cast fuses into the matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = quantized_matmul(self, x)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -225,22 +228,24 @@ class Int4Linear(nn.Module):
         sz = self.scales_and_zeros[:, : self.out_features].float()
         return dequantize_int4(self.plain_weight(), sz, self.group_size)[:, : self.in_features].to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "plain" or _wants_grad(x):
-            out = F.linear(x, self.dequantize(x.dtype))
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias, through the device's kernel (not differentiable)."""
+        if self.layout == "plain":
+            return F.linear(x, self.dequantize(x.dtype))
+        rows = _rows_2d(x)
+        if self.padded_in != self.in_features:
+            rows = F.pad(rows, (0, self.padded_in - self.in_features))
+        if self.layout == "cuda":  # the kernel computes in bf16 only
+            out = torch._weight_int4pack_mm(
+                rows.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros.to(torch.bfloat16)
+            ).to(x.dtype)
         else:
-            rows = _rows_2d(x)
-            if self.padded_in != self.in_features:
-                rows = F.pad(rows, (0, self.padded_in - self.in_features))
-            if self.layout == "cuda":  # the kernel computes in bf16 only
-                out = torch._weight_int4pack_mm(
-                    rows.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros.to(torch.bfloat16)
-                ).to(x.dtype)
-            else:
-                out = torch._weight_int4pack_mm_for_cpu(
-                    rows, self.weight, self.group_size, self.scales_and_zeros.to(x.dtype)
-                )
-            out = out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+            scales_and_zeros = self.scales_and_zeros.to(x.dtype)
+            out = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, scales_and_zeros)
+        return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = quantized_matmul(self, x)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -251,6 +256,26 @@ class Int4Linear(nn.Module):
 
 
 QuantizedLinear = (Int8Linear, Int4Linear)
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """``x @ W.T`` for a frozen quantized ``W``, differentiable in ``x`` only.  The forward runs the
+    module's kernel; the backward dequantizes ``W`` again for ``grad @ W``.  Plain autograd through a
+    dequantized weight would keep that float copy of every linear from forward to backward: the memory
+    a quantized base is meant to save when adapters train over it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: Int8Linear | Int4Linear) -> torch.Tensor:
+        ctx.module = module
+        return module.matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.module.dequantize(grad.dtype), None
+
+
+def quantized_matmul(module: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenQuantizedMatmul.apply(x, module) if _wants_grad(x) else module.matmul(x)
 
 
 # ---- the arithmetic ----------------------------------------------------------------------------------------
@@ -407,6 +432,15 @@ def pack_model(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.pack()
+
+
+def unpack_model(model: nn.Module) -> None:
+    """INT4 weights back in the plain layout, for training over them: a weight that needs a gradient
+    path is dequantized in the forward and again in the backward, which the plain layout does with
+    pointwise ops that compile (the CPU kernel's layout unpacks only through the kernel)."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.unpack()
 
 
 @torch.no_grad()

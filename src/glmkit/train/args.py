@@ -41,6 +41,14 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class ModelArgs:
     model: str | None = field(default=None, metadata=_help("Base model directory or hub id; default: the demo model."))
     source: str = field(default="huggingface", metadata=_help("Where hub ids come from: huggingface or modelscope."))
+    quantize: int | None = field(
+        default=None,
+        metadata=_help("4 or 8: train lora or ptuning over a frozen INT4 / INT8 copy of the base (less memory)."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, 4, 8):
+            raise GlmkitError(f"quantize must be 4 or 8, not {self.quantize!r}")
 
 
 @dataclass
@@ -132,6 +140,17 @@ class TrainingArgs:
 
     def checkpointing_for(self, method: str) -> bool:
         return self.gradient_checkpointing if self.gradient_checkpointing is not None else method == "full"
+
+
+def check_together(model_args: ModelArgs, method_args: MethodArgs, training: TrainingArgs) -> None:
+    """Settings of different groups that rule each other out, told before any data or model is read."""
+    if model_args.quantize and method_args.method not in ("lora", "ptuning"):
+        raise GlmkitError(
+            f"--quantize {model_args.quantize} freezes the base in 8 or 4 bits: it trains --method lora or "
+            f"ptuning, not {method_args.method}"
+        )
+    if model_args.quantize and training.deepspeed:
+        raise GlmkitError("--quantize and --deepspeed together: DeepSpeed shards float weights; drop one of them")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

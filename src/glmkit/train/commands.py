@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from glmkit.errors import GlmkitError
-from glmkit.train.args import MethodArgs, ModelArgs, TrainingArgs, build_settings, read_config_file
+from glmkit.train.args import MethodArgs, ModelArgs, TrainingArgs, build_settings, check_together, read_config_file
 
 
 def setting_groups() -> tuple[type, ...]:
@@ -80,6 +80,7 @@ def run_train(values: dict[str, Any]) -> None:
     groups = setting_groups()
     settings = build_settings(groups, file_values, values)
     model_args, method_args, training, data_args = settings
+    check_together(model_args, method_args, training)
     if training.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(relaunch(training.num_gpus))
     train_from_files(model_args, method_args, training, data_args, settings)

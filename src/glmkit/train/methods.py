@@ -22,7 +22,7 @@ from torch import nn
 
 from glmkit.errors import GlmkitError
 from glmkit.models import read_config
-from glmkit.models.adapters import peft_target
+from glmkit.models.adapters import inject_lora, peft_target
 from glmkit.models.base import Block
 from glmkit.models.loading import PREFIX_ENCODER, attach_prefix_encoder
 from glmkit.train.args import MethodArgs
@@ -54,7 +54,7 @@ def prepare(network: nn.Module, model_dir: Path, family: str, args: MethodArgs) 
 
 
 def _lora(network: nn.Module, model_dir: Path, family: str, args: MethodArgs) -> Prepared:
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     config = LoraConfig(
@@ -64,7 +64,7 @@ def _lora(network: nn.Module, model_dir: Path, family: str, args: MethodArgs) ->
         target_modules=args.lora_targets(family),
     )
     try:
-        model = get_peft_model(peft_target(network), config)  # freezes the base, injects in place
+        model = inject_lora(network, config)  # freezes the base, injects in place
     except ValueError as exc:
         raise GlmkitError(f"--lora-target {','.join(config.target_modules)}: {exc}") from exc
     model.peft_config["default"].base_model_name_or_path = str(model_dir)  # export finds the base by it

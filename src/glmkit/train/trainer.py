@@ -26,7 +26,7 @@ import torch
 
 from glmkit.errors import GlmkitError
 from glmkit.train import checkpoints
-from glmkit.train.args import MethodArgs, ModelArgs, TrainingArgs
+from glmkit.train.args import MethodArgs, ModelArgs, TrainingArgs, check_together
 from glmkit.train.batching import BatchPlan, pad_rows
 from glmkit.train.loss import labelled_tokens, token_loss_sum
 from glmkit.train.methods import (
@@ -120,6 +120,10 @@ def train(
     """
     from glmkit.hub import resolve_model
     from glmkit.models import load_model, model_family, read_config
+    from glmkit.models.adapters import is_quantized
+    from glmkit.models.quantize import unpack_model
+
+    check_together(model_args, method_args, training)
 
     if not training.output_dir:
         raise GlmkitError("--output-dir is required: where checkpoints and the result go")
@@ -141,7 +145,11 @@ def train(
 
     _seed(training.seed)
     load_dtype = _HALF[precision] if method_args.method in ("lora", "ptuning") else torch.float32  # master weights
-    network = load_model(model_dir, dtype=load_dtype, device=accelerator.device)
+    network = load_model(model_dir, dtype=load_dtype, device=accelerator.device, quantize=model_args.quantize)
+    if is_quantized(network):  # --quantize, or a checkpoint that is quantized already
+        if method_args.method not in ("lora", "ptuning"):
+            raise GlmkitError(f"{model_dir} holds quantized weights: train it with --method lora or ptuning")
+        unpack_model(network)
     prepared = prepare(network, model_dir, family, method_args)
     if training.checkpointing_for(method_args.method):
         enable_gradient_checkpointing(network)
@@ -161,7 +169,7 @@ def train(
         num_training_steps=max_steps,
     )  # fmt: skip
     trainer_state = {"global_batch": plan.global_batch, "seed": plan.seed, "num_rows": plan.num_rows,
-                     "method": method_args.method, "world_size": world}  # fmt: skip
+                     "method": method_args.method, "world_size": world, "quantize": model_args.quantize}  # fmt: skip
     start = 0
     if resume_from is not None:
         saved = checkpoints.read_training_state(resume_from[1], optimizer, scheduler, rank)
