@@ -89,7 +89,7 @@ def test_docs_section_is_appended_then_replaced(glm_run):
     docs.write_text(text + "\n## Later notes\n", encoding="utf-8")
     write_docs(docs, {**report, "date": "a later run"})
     again = docs.read_text(encoding="utf-8")
-    assert again.count(start_marker(report)) == 1 and again.count(END_MARKER) == 1
+    assert again.count(start_marker(report)) == 1 and again.count(END_MARKER) == original.count(END_MARKER) + 1
     assert "a later run" in again and report["date"] not in again and again.endswith("## Later notes\n")
 
 

@@ -80,14 +80,18 @@ def decode_mode(mode: str) -> Iterator[None]:
 
 
 @contextmanager
-def peak_memory(into: dict[str, Any]) -> Iterator[None]:
-    """Sets ``into["peak_gib"]``: CUDA's allocated high-water mark over the block (none on a CPU, where
-    only the process's high-water mark exists: ``rss_high_water_gib``)."""
-    if torch.cuda.is_available():
+def peak_memory(into: dict[str, Any], model: torch.nn.Module) -> Iterator[None]:
+    """Sets ``into["peak_gib"]`` on CUDA: ``model``'s weights plus the most allocated over the block above
+    what was resident when it began, i.e. what the block needs alone (other models kept for later rows
+    are left out).  A CPU has only the process's high-water mark: ``rss_high_water_gib``."""
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() if cuda else 0
     yield
-    if torch.cuda.is_available():
-        into["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+    if cuda:
+        above = torch.cuda.max_memory_allocated() - resident
+        into["peak_gib"] = round((weight_bytes(model) + above) / GiB, 2)
 
 
 def rss_high_water_gib() -> float:
@@ -114,7 +118,7 @@ def batch1(model: Any, ids: list[int], new: int, repeats: int) -> dict[str, Any]
     """Greedy decode of one request: tok/s from the first token to the last, median of ``repeats``
     after a warm-up run (compilation, graph capture)."""
     result: dict[str, Any] = {}
-    with peak_memory(result):
+    with peak_memory(result, model):
         start = time.perf_counter()
         decode_run(model, ids, new)
         warm = time.perf_counter() - start
@@ -137,7 +141,7 @@ def transformers_generate(hf: Any, ids: list[int], new: int, repeats: int) -> di
         return hf.generate(x, max_new_tokens=count, min_new_tokens=count, do_sample=False)
 
     result: dict[str, Any] = {}
-    with torch.inference_mode(), peak_memory(result):
+    with torch.inference_mode(), peak_memory(result, hf):
         generate(4)
         seconds = [_seconds(lambda: generate(new)) for _ in range(repeats)]
         tokens = generate(new)[0, len(ids) :].tolist()
@@ -175,7 +179,7 @@ def streams(model: Any, count: int, prompts: Callable[[int], list[int]], new: in
     config = GenerationConfig(do_sample=False, max_new_tokens=new)
     result: dict[str, Any] = {"streams": count}
     try:
-        with peak_memory(result):
+        with peak_memory(result, model):
             for budget in (8, new):  # the first is a warm-up: graphs of the batch sizes, first allocations
                 inboxes: list[queue.Queue] = [queue.Queue() for _ in range(count)]
                 sync()
@@ -218,7 +222,7 @@ def streams(model: Any, count: int, prompts: Callable[[int], list[int]], new: in
 def ttft(model: Any, ids: list[int], repeats: int) -> dict[str, Any]:
     """Time to the first token of ``ids`` alone (prefill and one token), median of ``repeats``."""
     result: dict[str, Any] = {"prompt_tokens": len(ids)}
-    with peak_memory(result):
+    with peak_memory(result, model):
         decode_run(model, ids, 1)
         times = [decode_run(model, ids, 1)[0] for _ in range(repeats)]
     result.update(ms_runs=[round(t * 1e3, 1) for t in times], ms=round(statistics.median(times) * 1e3, 1))
@@ -233,7 +237,7 @@ def ttft_under_load(model: Any, others: int, prompts: Callable[[int], list[int]]
     stamps: list[list[float]] = [[] for _ in range(others)]
     result: dict[str, Any] = {"others": others, "prompt_tokens": len(newcomer), "chunk": scheduler.prefill_chunk}
     try:
-        with peak_memory(result):
+        with peak_memory(result, model):
             handles = [
                 scheduler.submit(prompts(i), config, lambda item, i=i: stamps[i].append(time.perf_counter()))
                 for i in range(others)

@@ -46,7 +46,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     for result in report["streams"]:
         value = (f"{_number(result['tok_s'])} tok/s (decode phase {_number(result['decode_tok_s'])}), "
                  f"inter-token p50 / p99 {result['itl_p50_ms']} / {result['itl_p99_ms']} ms")  # fmt: skip
-        rows.append([f"{result['streams']} streams through the scheduler", value, _x(result["vs_limit"]),
+        count = result["streams"]
+        rows.append([f"{count} stream{'s' if count > 1 else ''} through the scheduler", value, _x(result["vs_limit"]),
                      _x(result["vs_transformers"]), str(result.get("peak_gib", ""))])  # fmt: skip
     return rows
 
@@ -61,7 +62,9 @@ def notes(report: dict[str, Any]) -> str:
     """What the ratios mean, said once under the table."""
     plan = report["plan"]
     memory = (
-        "peak GiB: `torch.cuda.max_memory_allocated`, reset before each figure"
+        "peak GiB: the figure's weights plus the most memory allocated while it ran above what was resident "
+        "when it began (`torch.cuda.max_memory_allocated`, reset before each figure): what it needs alone, "
+        "without the bf16 model that the INT8/INT4 rows keep for the later ones"
         if report["device"] == "cuda"
         else f"peak GiB: not per figure on a CPU; the process's RSS high-water mark over the run was "
         f"{report['rss_high_water_gib']} GiB"
@@ -90,7 +93,7 @@ def section(report: dict[str, Any]) -> str:
         "```",
         "",
         f"{report['date']}; glmkit {report['glmkit']}, torch {report['torch']}, transformers "
-        f"{report['transformers']}, {report['torch_threads']} torch threads; {report['dtype']}, "
+        f"{report['transformers']}, torch threads: {report['torch_threads']}; {report['dtype']}, "
         f"{report['parameters']:,} parameters ({report['weight_bytes'] / 1e9:.3g} GB of weights); {config}.",
         "",
         markdown_table(report),

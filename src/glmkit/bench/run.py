@@ -120,9 +120,13 @@ def run(plan: Plan, command: str, say: Callable[[str], None]) -> dict[str, Any]:
         "plan": {k: v for k, v in asdict(plan).items() if k != "shape"},
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }  # fmt: skip
-    big = plan.device == "cuda" and not plan.quick
-    bandwidth = measure.copy_bandwidth(device, (8 if big else 1) * 2**30 if plan.device == "cuda" else 2**28)
-    rate = measure.matrix_rate(device, 8192 if big else 2048 if plan.device == "cuda" else 1024, plan.dtype)
+    # sizes large enough to reach the device's rate: GiBs past a GPU's caches, a CPU's memory beyond its L3
+    if plan.device == "cuda":
+        copy_bytes, matmul_n = (2**30, 2048) if plan.quick else (8 * 2**30, 8192)
+    else:
+        copy_bytes, matmul_n = 2**28, 1024
+    bandwidth = measure.copy_bandwidth(device, copy_bytes)
+    rate = measure.matrix_rate(device, matmul_n, plan.dtype)
     report["limits"] = {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "matrix_tflop_s": round(rate / 1e12, 3),
                         "matrix_dtype": report["dtype"]}  # fmt: skip
     say(f"device limits: copy {bandwidth / 1e9:.1f} GB/s, matmul {rate / 1e12:.2f} TFLOP/s")
@@ -131,52 +135,11 @@ def run(plan: Plan, command: str, say: Callable[[str], None]) -> dict[str, Any]:
     vocab = vocab_size(model)
     params = measure.parameter_count(model)
     report.update(parameters=params, weight_bytes=measure.weight_bytes(model))
-    ids = prompt(plan.shape, plan.prompt_tokens, vocab, 1)
-    fast = "compiled" if plan.device == "cuda" else "eager"  # what the engine runs on this device
-    rows = report["batch1"] = []
-
-    def batch1(name: str, subject: Any, mode: str, note: str) -> None:
-        row: dict[str, Any] = {"row": name, "mode": mode, "note": note}
-        try:
-            with measure.decode_mode(mode):
-                row.update(measure.batch1(subject, ids, plan.new_tokens, plan.repeats))
-        except Exception as exc:  # one row failing (a kernel missing on this device) must not cost the run
-            row["error"] = first_line(exc)
-        row["weight_bytes"] = measure.weight_bytes(subject)
-        row["limit_tok_s"] = round(bandwidth / row["weight_bytes"], 1)
-        rows.append(row)
-        say(f"batch-1 {name}: {row.get('tok_s', row.get('error'))} tok/s")
-
-    batch1("glmkit eager", model, "eager", "the decode step eagerly")
-    if plan.device == "cuda":
-        batch1("glmkit fast", model, "compiled", "the compiled CUDA-graph step (GLMKIT_DECODE=compiled)")
-    else:
-        rows.append({"row": "glmkit fast", "note": "no fast mode on a CPU: the step runs eagerly (the row above)"})
-    for bits in (8, 4):
-        quantized = quantize_model(copy.deepcopy(model), bits)
-        groups = " in groups of 32" if bits == 4 else ""
-        batch1(f"INT{bits}", quantized, fast, f"the same weights, decoder linears INT{bits}{groups}, {fast} step")
-        del quantized
-        _release()
     hf = transformers_peer(plan.shape, model) if plan.transformers else None
     peer_note = NO_PEER.get(plan.shape.family, "skipped (--skip-transformers)" if not plan.transformers else "")
-    if hf is not None:
-        row = {"row": "transformers", "note": f"{type(hf).__name__}.generate on the same weights"}
-        row.update(measure.transformers_generate(hf, ids, plan.new_tokens, plan.repeats))
-        row["weight_bytes"] = measure.weight_bytes(hf)
-        row["limit_tok_s"] = round(bandwidth / row["weight_bytes"], 1)
-        rows.append(row)
-        say(f"batch-1 transformers: {row['tok_s']} tok/s")
-    else:
-        rows.append({"row": "transformers", "note": peer_note})
-    peer_tok_s = rows[-1].get("tok_s")
-    eager_tokens = rows[0].get("tokens", [])
-    for row in rows:
-        row["vs_limit"] = _ratio(row.get("tok_s"), row.get("limit_tok_s"))
-        row["vs_transformers"] = _ratio(row.get("tok_s"), peer_tok_s)
-        if "tokens" in row:
-            row["agreement_with_eager"] = measure.agreement(row["tokens"], eager_tokens)
-            row["tokens"] = row["tokens"][:32]
+    ids = prompt(plan.shape, plan.prompt_tokens, vocab, 1)
+    report["batch1"] = _batch1_rows(plan, model, hf, peer_note, ids, bandwidth, say)
+    peer_tok_s = report["batch1"][-1].get("tok_s")
 
     long = prompt(plan.shape, plan.ttft_tokens, vocab, 7)
     limit_ms = 2 * params * plan.ttft_tokens / rate * 1e3  # every weight in a matmul per token; attention left out
@@ -201,7 +164,7 @@ def run(plan: Plan, command: str, say: Callable[[str], None]) -> dict[str, Any]:
     for count in plan.streams:
         result = measure.streams(model, count, stream_prompt, plan.new_tokens)
         # the step reads every weight once for all rows, until the matmuls reach the matrix rate
-        limit = min(count * bandwidth / measure.weight_bytes(model), rate / (2 * params))
+        limit = min(count * bandwidth / report["weight_bytes"], rate / (2 * params))
         result.update(limit_tok_s=round(limit, 1), vs_limit=_ratio(result["decode_tok_s"], limit),
                       vs_transformers=_ratio(result["tok_s"], peer_tok_s))  # fmt: skip
         report["streams"].append(result)
@@ -210,3 +173,54 @@ def run(plan: Plan, command: str, say: Callable[[str], None]) -> dict[str, Any]:
     if plan.device == "cpu":
         report["rss_high_water_gib"] = measure.rss_high_water_gib()
     return report
+
+
+def _batch1_rows(
+    plan: Plan, model: Any, hf: Any | None, peer_note: str, ids: list[int], bandwidth: float, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """glmkit eager, fast, INT8 and INT4 on ``model``'s weights, and transformers' ``hf`` holding them."""
+    fast = "compiled" if plan.device == "cuda" else "eager"  # what the engine runs on this device
+    rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any], subject: Any, measured: Callable[[], dict[str, Any]]) -> None:
+        try:
+            row.update(measured())
+        except Exception as exc:  # one row failing (a kernel missing on this device) must not cost the run
+            row["error"] = first_line(exc)
+        row["weight_bytes"] = measure.weight_bytes(subject)
+        row["limit_tok_s"] = round(bandwidth / row["weight_bytes"], 1)
+        rows.append(row)
+        say(f"batch-1 {row['row']}: {row.get('tok_s', row.get('error'))} tok/s")
+
+    def glmkit(name: str, subject: Any, mode: str, note: str) -> None:
+        def measured() -> dict[str, Any]:
+            with measure.decode_mode(mode):
+                return measure.batch1(subject, ids, plan.new_tokens, plan.repeats)
+
+        add({"row": name, "mode": mode, "note": note}, subject, measured)
+
+    glmkit("glmkit eager", model, "eager", "the decode step eagerly")
+    if plan.device == "cuda":
+        glmkit("glmkit fast", model, "compiled", "the compiled CUDA-graph step (GLMKIT_DECODE=compiled)")
+    else:
+        rows.append({"row": "glmkit fast", "note": "no fast mode on a CPU: the step runs eagerly (the row above)"})
+    for bits in (8, 4):
+        quantized = quantize_model(copy.deepcopy(model), bits)
+        groups = " in groups of 32" if bits == 4 else ""
+        glmkit(f"INT{bits}", quantized, fast, f"the same weights, decoder linears INT{bits}{groups}, {fast} step")
+        del quantized
+        _release()
+    if hf is not None:
+        note = f"{type(hf).__name__}.generate on the same weights"
+        add({"row": "transformers", "note": note}, hf,
+            lambda: measure.transformers_generate(hf, ids, plan.new_tokens, plan.repeats))  # fmt: skip
+    else:
+        rows.append({"row": "transformers", "note": peer_note})
+    peer_tok_s, eager_tokens = rows[-1].get("tok_s"), rows[0].get("tokens", [])
+    for row in rows:
+        row["vs_limit"] = _ratio(row.get("tok_s"), row.get("limit_tok_s"))
+        row["vs_transformers"] = _ratio(row.get("tok_s"), peer_tok_s)
+        if "tokens" in row:
+            row["agreement_with_eager"] = measure.agreement(row["tokens"], eager_tokens)
+            row["tokens"] = row["tokens"][:32]  # the JSON keeps the first 32
+    return rows
