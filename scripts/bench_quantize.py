@@ -26,15 +26,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from random_chatglm2 import random_chatglm2
 
-from glmkit.models.chatglm2 import ChatGLM2Config
+from glmkit.bench.shapes import CHATGLM3_6B, random_model
+from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 from glmkit.models.quantize import Int4Linear, Int8Linear, QuantizedLinear, quantize_model
 
-FULL = ChatGLM2Config(
-    hidden_size=4096, num_layers=28, num_attention_heads=32, multi_query_group_num=2, ffn_hidden_size=13696,
-    padded_vocab_size=65024, seq_length=8192,
-)  # fmt: skip
+FULL = ChatGLM2Config.from_dict(CHATGLM3_6B)
 TINY = ChatGLM2Config(
     hidden_size=256, num_layers=2, num_attention_heads=4, kv_channels=64, multi_query_group_num=2,
     ffn_hidden_size=704, padded_vocab_size=1024, seq_length=512,
@@ -180,7 +177,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     # on the CPU first, drawn on the device: quantizing layer by layer never holds the float model there
-    cpu_model = random_chatglm2(TINY if args.tiny else FULL, torch.device("cpu"), torch.bfloat16, device)
+    config = TINY if args.tiny else FULL
+    cpu_model = random_model(ChatGLM2ForConditionalGeneration, config, [torch.device("cpu")], torch.bfloat16, device)
     print(f"built the bf16 model on the CPU in {time.perf_counter() - t0:.0f} s; torch {torch.__version__}")
     print(layout_check(cpu_model, device))
 

@@ -22,62 +22,14 @@ from pathlib import Path
 
 import torch
 
+from glmkit.bench.shapes import SHAPES, blank_model, model_class, prompt, randomize, vocab_size
 from glmkit.engine import GenerationConfig, generate_tokens
-from glmkit.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-from glmkit.models.loading import materialize
+from glmkit.models.chatglm import ChatGLMForConditionalGeneration
+from glmkit.models.chatglm2 import ChatGLM2ForConditionalGeneration
 
-FULL_SIZE = {
-    "chatglm3-6b": (
-        ChatGLM2ForConditionalGeneration,
-        ChatGLM2Config(
-            hidden_size=4096,
-            num_layers=28,
-            num_attention_heads=32,
-            multi_query_group_num=2,
-            ffn_hidden_size=13696,
-            padded_vocab_size=65024,
-            seq_length=8192,
-        ),
-    ),
-    "chatglm-6b": (
-        ChatGLMForConditionalGeneration,
-        ChatGLMConfig(
-            hidden_size=4096, num_layers=28, num_attention_heads=32, inner_hidden_size=16384, vocab_size=130528
-        ),
-    ),
-}
+FULL_SIZE = ("chatglm3-6b", "chatglm-6b")
 FAMILY_CLASS = {"v1": ChatGLMForConditionalGeneration, "v3": ChatGLM2ForConditionalGeneration}
 GiB = 2**30
-
-
-def build(cls, config, devices: list[torch.device]):
-    """An uninitialised bf16 model, its layers spread over ``devices`` as ``num_gpus`` would."""
-    with torch.device("meta"):
-        model = cls(config)
-    model.to(torch.bfloat16)
-    materialize(model, devices)
-    return model.eval()
-
-
-def randomize(model, seed: int = 0) -> None:
-    """N(0, 0.02) weights, unit norms, zero biases."""
-    generator = torch.Generator(model.device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 0.02)
-
-
-def prompt_ids(name: str, length: int, seed: int = 1) -> list[int]:
-    ids = torch.randint(100, 60000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-    if name == "chatglm-6b":  # the context ends with [gMASK] <sop>
-        return [*ids[:-2], 130001, 130004]
-    return [64790, 64792, *ids[2:]]  # [gMASK] sop + text
 
 
 def timed(fn, device_count: int) -> tuple[object, float]:
@@ -106,17 +58,19 @@ def greedy(model, ids: torch.Tensor, steps: int) -> tuple[list[int], list[float]
 
 
 def check_full_size(name: str, prompt_length: int, steps: int, gpus: int) -> dict:
-    cls, config = FULL_SIZE[name]
+    shape = SHAPES[name]
+    cls, config_class = model_class(shape.family)
+    config = config_class.from_dict(shape.config)
     cuda0 = torch.device("cuda", 0)
     torch.cuda.reset_peak_memory_stats(0)
-    model = build(cls, config, [cuda0])
+    model = blank_model(cls, config, [cuda0], torch.bfloat16)
     start = time.perf_counter()
-    randomize(model)
+    randomize(model, cuda0)
     torch.cuda.synchronize(0)
     init_s = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     weights_gib = torch.cuda.memory_allocated(0) / GiB
-    ids_list = prompt_ids(name, prompt_length)
+    ids_list = prompt(shape, prompt_length, vocab_size(model), 1)
     ids = torch.tensor([ids_list], device=cuda0)
 
     with torch.inference_mode():
@@ -142,7 +96,7 @@ def check_full_size(name: str, prompt_length: int, steps: int, gpus: int) -> dic
     }
     if gpus >= 2:
         devices = [cuda0, torch.device("cuda", 1)]
-        split = build(cls, config, devices)
+        split = blank_model(cls, config, devices, torch.bfloat16)
         split.load_state_dict(model.state_dict())  # the same weights, copied across
         with torch.inference_mode():
             split_logits = split(ids).logits

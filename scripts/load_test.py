@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
-from percentiles import percentile
+
+from glmkit.bench.stats import percentile
 
 PROMPTS = [
     "What is the capital of France?",

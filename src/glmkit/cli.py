@@ -80,6 +80,11 @@ EXAMPLES = {
         ("glmkit quantize --bits 4 -m /models/chatglm3-6b -o chatglm3-int4", "INT4 in groups of 32"),
         ("glmkit quantize --bits 8 -m /models/chatglm3-6b -o chatglm3-int8", "INT8"),
     ],
+    "bench": [
+        ("glmkit bench", "ChatGLM3-6B's shape on a GPU (the demo model on a CPU); updates docs/benchmarks.md"),
+        ("glmkit bench --shape glm4-9b --streams 1,64 --no-docs", "another shape, two stream counts, print only"),
+        ("glmkit bench --quick --skip-transformers --json bench.json", "a short run, every figure as JSON"),
+    ],
     "env": [("glmkit env", "paste its output into bug reports"), ("glmkit --version", "the version alone")],
     "train": [
         ("glmkit train --config recipes/alpaca_lora.yaml", "a recipe"),
@@ -652,6 +657,55 @@ def quantize_checkpoint(
         raise GlmkitError("--group-size applies to --bits 4 only")
     written = write_quantized_checkpoint(resolve_model(model, source=source), output, bits, group_size)
     typer.echo(f"wrote {written} (INT{bits}); load it with: glmkit chat --model {written}")
+
+
+@app.command(cls=_Command, epilog=_examples("bench"))
+def bench(
+    shape: Annotated[
+        str | None,
+        typer.Option(help="chatglm3-6b, chatglm-6b, glm4-9b (random bf16 weights) or demo; default: chatglm3-6b "
+                     "on a GPU, demo on a CPU."),
+    ] = None,
+    streams: Annotated[
+        str | None,
+        typer.Option(help="Concurrent stream counts through the scheduler; default 1,8,32,64,256 (1,4,8 on a CPU)."),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One run of few tokens each; on a CPU a tiny model of a GPU shape's family.")
+    ] = False,
+    skip_transformers: Annotated[bool, typer.Option("--skip-transformers", help="Leave transformers out.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
+    docs: Annotated[
+        Path | None,
+        typer.Option(help="Markdown file whose section for this device and shape is replaced (or appended); "
+                     "default: docs/benchmarks.md if it exists here."),
+    ] = None,
+    no_docs: Annotated[bool, typer.Option("--no-docs", help="Print only; write no docs section.")] = False,
+    threads: ThreadsOption = None,
+) -> None:
+    """Measure decode speed, time to first token and streams beside the device's limits and transformers."""
+    import json
+    import shlex
+
+    from glmkit.bench.report import markdown_table, notes, write_docs
+    from glmkit.bench.run import make_plan, run
+
+    if docs is not None and no_docs:
+        raise GlmkitError("--docs and --no-docs together: give one")
+    plan = make_plan(shape, streams, quick, skip_transformers)  # every flag checked before a model is built
+    _set_threads(threads, server=False)
+    if docs is None and not no_docs and Path("docs/benchmarks.md").is_file():
+        docs = Path("docs/benchmarks.md")
+    # a run takes minutes: its section lines go to stderr even when that is a log file, not a terminal
+    say = progress.enable().say
+    report = run(plan, "glmkit " + shlex.join(sys.argv[1:]), say)
+    typer.echo(markdown_table(report) + "\n\n" + notes(report))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        say(f"wrote {json_out}")
+    if docs is not None:
+        write_docs(docs, report)
+        say(f"wrote the {report['device']} {report['shape']} section of {docs}")
 
 
 @app.command(cls=_Command, epilog=_examples("env"))

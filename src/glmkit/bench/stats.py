@@ -1,4 +1,4 @@
-"""The nearest-rank percentile the benchmark scripts report (p50, p99): a value that was measured."""
+"""The nearest-rank percentile glmkit bench and the benchmark scripts report (p50, p99): a value that was measured."""
 
 from __future__ import annotations
 

@@ -1,0 +1,141 @@
+"""``glmkit bench`` as a user runs it, on the CPU: a tiny random model of each GLM family and the demo model
+beside transformers, the JSON and the docs section it writes, and the flags it refuses."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmkit.bench.report import END_MARKER, start_marker, write_docs
+from glmkit.cli import main
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def bench(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # one torch thread: two on a shared 2-core machine spin against other work (see glmkit.cli._set_threads)
+    command = [sys.executable, "-m", "glmkit", "bench", "--quick", "--threads", "1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def numbers(value: object) -> Iterator[float]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+def check_figures(report: dict, streams: list[int]) -> None:
+    """Every section is there and holds positive finite figures."""
+    assert report["limits"]["copy_bandwidth_gb_s"] > 0 and report["limits"]["matrix_tflop_s"] > 0
+    rows = {row["row"]: row for row in report["batch1"]}
+    assert list(rows) == ["glmkit eager", "glmkit fast", "INT8", "INT4", "transformers"]
+    assert "no fast mode on a CPU" in rows["glmkit fast"]["note"]
+    for name in ("glmkit eager", "INT8", "INT4"):
+        assert "error" not in rows[name], rows[name]
+        assert rows[name]["tok_s"] > 0 and rows[name]["vs_limit"] > 0
+    assert rows["INT4"]["weight_bytes"] < rows["INT8"]["weight_bytes"] < rows["glmkit eager"]["weight_bytes"]
+    assert report["ttft"]["ms"] > 0 and report["ttft"]["vs_limit"] > 0
+    assert report["ttft_under_load"]["ttft_ms"] > 0 and report["ttft_under_load"]["others"] == 3
+    assert [s["streams"] for s in report["streams"]] == streams
+    for result in report["streams"]:
+        assert result["tok_s"] > 0 and 0 < result["itl_p50_ms"] <= result["itl_p99_ms"]
+    assert all(math.isfinite(x) and x >= 0 for x in numbers(report))
+
+
+@pytest.fixture(scope="module")
+def glm_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """A tiny ChatGLM3-family run writing JSON and its section into a copy of docs/benchmarks.md."""
+    work = tmp_path_factory.mktemp("bench")
+    (work / "docs").mkdir()
+    shutil.copy(DOCS, work / "docs" / "benchmarks.md")
+    result = bench(work, "--shape", "chatglm3-6b", "--json", "out.json")  # docs/benchmarks.md found by default
+    return work, json.loads((work / "out.json").read_text()), result.stdout
+
+
+def test_glm_shape_reports_every_figure(glm_run):
+    _, report, stdout = glm_run
+    assert report["shape"] == "chatglm3-6b-tiny" and report["device"] == "cpu"
+    check_figures(report, [1, 4])
+    transformers = report["batch1"][-1]
+    assert transformers["note"].startswith("GlmForCausalLM") and transformers["tok_s"] > 0
+    assert report["batch1"][0]["vs_transformers"] > 0 and report["ttft"]["transformers_ms"] > 0
+    assert "| batch-1 decode, glmkit eager |" in stdout and "| 4 streams through the scheduler |" in stdout
+
+
+def test_docs_section_is_appended_then_replaced(glm_run):
+    work, report, _ = glm_run
+    docs = work / "docs" / "benchmarks.md"
+    original = DOCS.read_text(encoding="utf-8").rstrip("\n")
+    text = docs.read_text(encoding="utf-8")
+    assert text.startswith(original)  # the measured sections stay as they were
+    assert text.count(start_marker(report)) == 1 and text.rstrip().endswith(END_MARKER)
+    assert "glmkit bench --quick --threads 1 --shape chatglm3-6b --json out.json" in text
+    # a later run of the same device and shape replaces its section, whatever came after it
+    docs.write_text(text + "\n## Later notes\n", encoding="utf-8")
+    write_docs(docs, {**report, "date": "a later run"})
+    again = docs.read_text(encoding="utf-8")
+    assert again.count(start_marker(report)) == 1 and again.count(END_MARKER) == original.count(END_MARKER) + 1
+    assert "a later run" in again and report["date"] not in again and again.endswith("## Later notes\n")
+
+
+def test_chatglm6b_shape_has_no_transformers_number(tmp_path):
+    bench(tmp_path, "--shape", "chatglm-6b", "--json", "out.json", "--streams", "1,4")
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["shape"] == "chatglm-6b-tiny" and report["config"]["vocab_size"] == 130528
+    check_figures(report, [1, 4])
+    transformers = report["batch1"][-1]
+    assert "no transformers class" in transformers["note"] and "tok_s" not in transformers
+    assert not (tmp_path / "docs").exists()  # no docs/benchmarks.md here: nothing written
+
+
+def test_demo_model_beside_transformers(tmp_path):
+    bench(tmp_path, "--json", "out.json", "--streams", "1,4")
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["shape"] == "demo" and report["dtype"] == "float32"
+    check_figures(report, [1, 4])
+    eager, transformers = report["batch1"][0], report["batch1"][-1]
+    assert transformers["note"].startswith("LlamaForCausalLM")
+    # the same fp32 weights of a real model: greedy decoding gives the same tokens
+    assert transformers["agreement_with_eager"] == report["plan"]["new_tokens"] == len(eager["tokens"])
+    assert transformers["tokens"] == eager["tokens"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shape", "chatglm4"], "unknown shape 'chatglm4'"),
+        (["--streams", "1,x"], "--streams must be a comma list"),
+        (["--streams", "0,8"], "--streams must be a comma list"),
+        (["--streams", ""], "--streams must be a comma list"),
+        (["--docs", "d.md", "--no-docs"], "--docs and --no-docs together"),
+        pytest.param(
+            ["--shape", "glm4-9b"],
+            "needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused only without CUDA"),
+        ),
+    ],
+)
+def test_bad_flags_are_one_error_line(args, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["glmkit", "bench", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # refused before anything ran or was written
