@@ -13,6 +13,7 @@ import torch
 from glmkit.demo_model import DEMO_MODEL_NAME
 from glmkit.devices import resolve_device, resolve_dtype
 from glmkit.engine import Chunk, DecodeSession, Engine, GenerationConfig
+from glmkit.engine.step import decode_mode
 from glmkit.errors import GlmkitError
 from glmkit.hub import resolve_model
 from glmkit.models import load_model, load_tokenizer, read_config
@@ -247,6 +248,7 @@ def load(
         from glmkit.models.adapters import apply_adapter
 
         apply_adapter(network, adapter)
+    decode_mode(torch_device)  # its notice (eager off CUDA) now, not in the middle of the first reply
     return ChatModel(
         network,
         tokenizer,
