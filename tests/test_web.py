@@ -575,8 +575,10 @@ def test_a_long_message_is_tokenized_off_the_event_loop(served, demo_chat):
     finally:
         done.set()
         watcher.join()
-    # (the first event of this server too: Gradio's own first-event work must not stall it either)
-    assert max(waits) < max(0.15, tokenizing / 3), f"/health waited {max(waits):.3f} s ({tokenizing=:.3f} s)"
+    # (the first event of this server too: Gradio's own first-event work must not stall it either).  Tokenizing
+    # on the event loop would hold one /health for about all of ``tokenizing``; half of it leaves room for a
+    # loaded machine's scheduling (0.24 s was seen with tokenizing 0.65 s, against a third before)
+    assert max(waits) < max(0.25, tokenizing / 2), f"/health waited {max(waits):.3f} s ({tokenizing=:.3f} s)"
     # the user is told, and the message is never shown as a turn of the conversation
     warnings = [e["log"] for e in seen if e["msg"] == "log" and e["level"] == "warning"]
     assert any("context window" in w for w in warnings), seen
