@@ -16,7 +16,7 @@ from torch import nn
 
 from glmkit.errors import GlmkitError
 from glmkit.models.loading import PREFIX_ENCODER, attach_prefix_encoder, read_ptuning_checkpoint
-from glmkit.models.quantize import QuantizedLinear
+from glmkit.models.quantize import QuantizedLinear, is_quantized
 
 LORA_CONFIG = "adapter_config.json"
 
@@ -39,10 +39,6 @@ def peft_target(network: nn.Module) -> nn.Module:
     from glmkit.models.hf_causal_lm import HFCausalLM
 
     return network.model if isinstance(network, HFCausalLM) else network
-
-
-def is_quantized(network: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLinear) for m in network.modules())
 
 
 def inject_lora(network: nn.Module, config: Any) -> nn.Module:

@@ -274,6 +274,10 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
         return grad @ ctx.module.dequantize(grad.dtype), None
 
 
+def is_quantized(network: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in network.modules())
+
+
 def quantized_matmul(module: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
     return _FrozenQuantizedMatmul.apply(x, module) if _wants_grad(x) else module.matmul(x)
 

@@ -120,8 +120,7 @@ def train(
     """
     from glmkit.hub import resolve_model
     from glmkit.models import load_model, model_family, read_config
-    from glmkit.models.adapters import is_quantized
-    from glmkit.models.quantize import unpack_model
+    from glmkit.models.quantize import is_quantized, unpack_model
 
     check_together(model_args, method_args, training)
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -85,6 +86,14 @@ def _placement(chat_model: ChatModel) -> tuple[str, str]:
     return str(parameter.device), str(parameter.dtype).removeprefix("torch.")
 
 
+@dataclass
+class _Reply:
+    """A reply being streamed: ``conversation`` as it stands, ``ended`` once it is over."""
+
+    conversation: list[Message]
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class _Replies:
     """The reply each browser session is streaming, so that Stop and Clear act on where it really ended.
 
@@ -98,35 +107,29 @@ class _Replies:
     WAIT_S = 10.0
 
     def __init__(self) -> None:
-        self._running: dict[str, tuple[asyncio.Event, list[list[Message]]]] = {}
+        self._running: dict[str, _Reply] = {}
 
-    def start(self, session: str, turn: list[Message]) -> list[list[Message]]:
-        """Track the reply of ``session``; the returned one-item list holds its latest conversation."""
-        latest = [turn]
-        self._running[session] = (asyncio.Event(), latest)
-        return latest
+    def start(self, session: str, turn: list[Message]) -> _Reply:
+        reply = self._running[session] = _Reply(turn)
+        return reply
 
-    def end(self, session: str, latest: list[list[Message]]) -> None:
-        entry = self._running.get(session)
-        if entry is None or entry[1] is not latest:  # a newer reply of the session has taken the place
-            return
-        entry[0].set()
+    def end(self, session: str, reply: _Reply) -> None:
+        reply.ended.set()
 
         def drop() -> None:
-            if self._running.get(session) is entry:
+            if self._running.get(session) is reply:  # not a newer reply of the session
                 del self._running[session]
 
         asyncio.get_running_loop().call_later(self.KEEP_S, drop)
 
     async def settled(self, session: str, history: list[Message]) -> list[Message]:
         """The conversation of ``session`` once its reply (if any) has ended; ``history`` otherwise."""
-        entry = self._running.get(session)
-        if entry is None:
+        reply = self._running.get(session)
+        if reply is None:
             return history
-        done, latest = entry
         with contextlib.suppress(TimeoutError):  # a reply that does not stop in time: what it had so far
-            await asyncio.wait_for(done.wait(), self.WAIT_S)
-        return latest[0]
+            await asyncio.wait_for(reply.ended.wait(), self.WAIT_S)
+        return reply.conversation
 
 
 def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None = None) -> gr.Blocks:
@@ -184,7 +187,7 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
             yield gr.skip(), gr.skip(), gr.skip()
             return
         turn = [*history, {"role": "user", "content": message}]
-        latest = replies.start(request.session_hash, turn)
+        reply_state = replies.start(request.session_hash, turn)
         try:
             yield "", render(turn, greeting, typing=True), turn
             text = ""
@@ -193,9 +196,9 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
                     text += chunk.text
                     if chunk.text or chunk.finish_reason:  # at the end too: an empty reply is still a turn
                         _, reply = chat_model.template.postprocess(text, messages)
-                        latest[0] = [*turn, *reply]
+                        reply_state.conversation = [*turn, *reply]
                         # the textbox is left alone now: the user may already be typing the next message
-                        yield gr.skip(), render(latest[0], greeting), latest[0]
+                        yield gr.skip(), render(reply_state.conversation, greeting), reply_state.conversation
             except QueueFull:
                 gr.Warning("The server is busy with other conversations; please send your message again shortly.")
             except GlmkitError as exc:  # e.g. the server is shutting down and the grace is over
@@ -203,10 +206,10 @@ def build_web(chat_model: ChatModel, scheduler: Scheduler, api_docs: str | None 
             else:
                 return
             if not text:  # nothing was answered: give the message back to edit or resend
-                latest[0] = history
+                reply_state.conversation = history
                 yield message, render(history, greeting), history
         finally:
-            replies.end(request.session_hash, latest)
+            replies.end(request.session_hash, reply_state)
 
     async def redraw(
         history: list[Message], greeting: str, request: gr.Request
