@@ -125,6 +125,37 @@ def test_scheduler_batches_chatglm3_like_single_requests(model, tuned, which):
 
 
 @pytest.mark.parametrize("which", ["plain", "ptuning"])
+def test_prompts_arriving_together_are_prefilled_together(model, tuned, which):
+    engine, tokenizer, template = chatglm3_engine(model if which == "plain" else tuned)
+    questions = ["Hi", "Tell me a long story about a dragon, a knight, a castle and a river, please.", "2+2",
+                 "What is the capital of France?"]  # fmt: skip
+    prompts = [template.build_input_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    assert max(map(len, prompts)) > 3 * min(map(len, prompts))  # padded on the right to the longest
+    config = GenerationConfig(do_sample=False, max_new_tokens=10)
+    alone = [engine.generate(p, config).token_ids for p in prompts]
+    scheduler = Scheduler(engine, max_active=6)
+    try:
+        running: queue.Queue = queue.Queue()
+        scheduler.submit(prompts[1], GenerationConfig(do_sample=False, max_new_tokens=200), running.put)
+        running.get(timeout=60)  # decoding now: the next prompts arrive between two of its steps
+        inboxes = [queue.Queue() for _ in prompts]
+        for p, inbox in zip(prompts, inboxes, strict=True):
+            scheduler.submit(p, config, inbox.put)
+        together = [collect(inbox)[1] for inbox in inboxes]
+        # and the rows they leave serve a prompt that extends one of them
+        longer = prompts[3] + together[3]
+        inbox = queue.Queue()
+        scheduler.submit(longer, config, inbox.put)
+        extended = collect(inbox)[1]
+    finally:
+        scheduler.close()
+    assert together == alone
+    assert scheduler.prompts_prefilled_together >= 2
+    assert scheduler.reused_tokens >= len(prompts[3])
+    assert extended == engine.generate(longer, config).token_ids
+
+
+@pytest.mark.parametrize("which", ["plain", "ptuning"])
 def test_a_prompt_that_extends_a_finished_one_reuses_its_row(model, tuned, which):
     engine, tokenizer, template = chatglm3_engine(model if which == "plain" else tuned)
     first = template.build_input_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])

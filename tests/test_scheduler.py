@@ -255,3 +255,33 @@ def test_a_kept_row_loses_what_a_shorter_window_overwrites(demo_chat, demo_engin
     finally:
         scheduler.close()
     assert text == demo_engine.generate(again, config).text
+
+
+def test_prompts_arriving_together_are_prefilled_together(demo_chat, demo_engine):
+    config = GenerationConfig(do_sample=False, max_new_tokens=12)
+    prompts = [prompt(demo_chat, q) for q in ("Hi", "Why is the sky blue, and why are sunsets red?", "2+2")]
+    assert len(set(map(len, prompts))) == 3  # padded on the right to the longest of them
+    long = prompt(demo_chat, "Summarise the history of the printing press in Europe. " * 8)
+    chunk = 2 * max(map(len, prompts)) + 1  # two of the short prompts fit in a chunk, the long one does not
+    assert len(long) > chunk
+    jobs = [*prompts, long]
+    alone = [demo_engine.generate(p, config).text for p in jobs]
+    scheduler = Scheduler(demo_engine, max_active=6, max_sequence_length=512, prefill_chunk=chunk)
+    try:
+        running: queue.Queue = queue.Queue()
+        scheduler.submit(prompt(demo_chat, "Count from one to fifty in words."), config.updated(max_new_tokens=80),
+                         running.put)  # fmt: skip
+        running.get(timeout=60)  # decoding now: the next prompts arrive between two of its steps
+        inboxes = [queue.Queue() for _ in jobs]
+        for p, inbox in zip(jobs, inboxes, strict=True):
+            scheduler.submit(p, config, inbox.put)
+        together = []
+        for inbox in inboxes:
+            text = ""
+            while not (item := inbox.get(timeout=120)).finish_reason:
+                text += item.text
+            together.append(text + item.text)
+    finally:
+        scheduler.close()
+    assert together == alone
+    assert scheduler.prompts_prefilled_together >= 2

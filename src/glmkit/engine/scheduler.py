@@ -15,7 +15,8 @@ The batch cache's size is fixed when the scheduler starts: rows of ``context_len
 many as ``max_active`` asks and the memory budget (``kv_cache_bytes``) holds (``max_active`` is lowered
 to that).  It is allocated at the first request and given back when idle, never grown or copied.  A new
 request's prompt is prefilled into its row ``prefill_chunk`` tokens at a time between decode steps, so
-a long prompt holds the running streams up by one chunk at most (alone, it is prefilled at once).
+a long prompt holds the running streams up by one chunk at most (alone, it is prefilled at once); new
+prompts that fit in a chunk together are prefilled in one forward (causal families only).
 A finished request's row keeps the keys and values of its tokens: a new request whose prompt starts
 with them (the next turn of a conversation, the same system prompt) takes that row and prefills only
 the rest (``reused_tokens`` counts what was saved), for models with ``supports_prefix_reuse``.
@@ -175,6 +176,8 @@ class Scheduler:
         self._kept: dict[int, tuple[list[int], KVCache]] = {}
         #: prompt tokens that did not need prefilling, their keys and values being in a row already
         self.reused_tokens = 0
+        #: prompts prefilled in one forward with others (``_prefill_together``)
+        self.prompts_prefilled_together = 0
         self._wakeup = threading.Condition()
         self._closed = False
         #: what stopped the worker, if anything did; then every request is refused
@@ -454,13 +457,25 @@ class Scheduler:
 
     def _prefill_chunks(self) -> list[_Row]:
         """Run up to ``prefill_chunk`` prompt tokens (all of them when nothing is decoding) into the rows
-        being prefilled, oldest first; return the rows whose prompt is complete, first token sampled."""
+        being prefilled, oldest first; return the rows whose prompt is complete, first token sampled.
+        New prompts that fit in a chunk together go in as one batch (``_prefill_together``)."""
         model = self.engine.model
         # a prompt can be cut only where a cache filled by its start serves the rest (not ChatGLM-6B's,
-        # whose prompt attends both ways)
-        budget = self.prefill_chunk if self._rows and model.supports_prefix_reuse else None
+        # whose prompt attends both ways, nor padded on the right)
+        causal = model.supports_prefix_reuse
+        budget = self.prefill_chunk if self._rows and causal else None
+        together = causal
         ready = []
         while self._prefilling and (budget is None or budget > 0):
+            group = self._fresh_prompts(self.prefill_chunk if budget is None else budget) if together else []
+            if len(group) > 1:
+                rows = self._prefill_together(group)
+                if rows is not None:
+                    ready += rows
+                    if budget is not None:
+                        budget -= len(group) * max(len(p.handle.prompt_ids) for p in group)
+                    continue
+                together = False  # the batch failed (memory, say): each prompt alone, failing alone
             pending = self._prefilling[0]
             handle, prompt = pending.handle, pending.handle.prompt_ids
             if handle.cancelled.is_set():
@@ -472,11 +487,7 @@ class Scheduler:
                 chunk = torch.tensor([prompt[pending.done : end]], device=model.device)
                 logits = model(chunk, cache=pending.cache, last_only=True).logits[:, -1]
                 if end == len(prompt):
-                    assert self._step is not None and self._sampler is not None
-                    self._sampler.assign(pending.slot, handle.config, prompt)
-                    token = self._sampler.sample(logits, slice(pending.slot, pending.slot + 1))
-                    self._step.place(pending.slot, token[0], len(prompt))
-                    first = int(token)
+                    first = int(self._first_token(pending, logits))
             except Exception as exc:  # this request fails alone
                 self._prefilling.popleft()
                 handle.send(exc)
@@ -487,10 +498,68 @@ class Scheduler:
             pending.done = end
             if end == len(prompt):
                 self._prefilling.popleft()
-                row = _Row(handle, pending.reply, pending.slot, first, pending.limit, pending.cache, list(prompt))
-                self._rows.append(row)
-                ready.append(row)
+                ready.append(self._decoding(pending, first))
         return ready
+
+    def _fresh_prompts(self, tokens: int) -> list[_Prefill]:
+        """The leading requests being prefilled that have nothing in their row yet and, padded to the
+        longest of them, fit in ``tokens`` positions together."""
+        group: list[_Prefill] = []
+        longest = 0
+        for pending in self._prefilling:
+            length = len(pending.handle.prompt_ids)
+            if pending.done or pending.handle.cancelled.is_set() or (len(group) + 1) * max(longest, length) > tokens:
+                break
+            group.append(pending)
+            longest = max(longest, length)
+        return group
+
+    def _prefill_together(self, group: list[_Prefill]) -> list[_Row] | None:
+        """Prefill ``group``'s prompts in one forward, padded on the right, into a scratch cache whose rows
+        are then copied to the requests' rows; None if that failed (nothing is changed then).  One
+        forward of many short prompts costs about what one of them does alone (a forward of a few
+        hundred tokens is bound by its kernel launches on a GPU)."""
+        model = self.engine.model
+        prompts = [p.handle.prompt_ids for p in group]
+        width = max(map(len, prompts))
+        try:
+            padded = torch.tensor([ids + ids[-1:] * (width - len(ids)) for ids in prompts], device=model.device)
+            lengths = torch.tensor([len(ids) for ids in prompts], device=model.device)
+            scratch = model.new_cache(len(group), width)
+            logits = model(padded, cache=scratch, last_only=True, lengths=lengths).logits[:, -1]
+            assert self._cache is not None
+            slots = torch.tensor([p.slot for p in group])
+            # what the padding left past each prompt lies where that row's decoding writes before it reads
+            stores, fills = [*self._cache.keys, *self._cache.values], [*scratch.keys, *scratch.values]
+            for stored, fresh in zip(stores, fills, strict=True):
+                stored[:, :, :width].index_copy_(0, slots.to(stored.device), fresh)
+            firsts = torch.cat([self._first_token(p, logits[j : j + 1]) for j, p in enumerate(group)]).tolist()
+        except Exception:
+            logger.debug("glmkit: a batched prefill failed; its prompts go in one at a time", exc_info=True)
+            return None
+        self.prompts_prefilled_together += len(group)
+        rows = []
+        for pending, first in zip(group, firsts, strict=True):
+            self._prefilling.popleft()
+            pending.cache.length = pending.done = len(pending.handle.prompt_ids)
+            rows.append(self._decoding(pending, first))
+        return rows
+
+    def _first_token(self, pending: _Prefill, logits: torch.Tensor) -> torch.Tensor:
+        """Sample the request's first token from its prompt's last ``logits`` and put it in its row."""
+        assert self._step is not None and self._sampler is not None
+        prompt = pending.handle.prompt_ids
+        self._sampler.assign(pending.slot, pending.handle.config, prompt)
+        token = self._sampler.sample(logits, slice(pending.slot, pending.slot + 1))
+        self._step.place(pending.slot, token[0], len(prompt))
+        return token
+
+    def _decoding(self, pending: _Prefill, first: int) -> _Row:
+        """A prefilled request as a decoding row."""
+        prompt = pending.handle.prompt_ids
+        row = _Row(pending.handle, pending.reply, pending.slot, first, pending.limit, pending.cache, list(prompt))
+        self._rows.append(row)
+        return row
 
     def _emit(self, row: _Row) -> bool:
         """Hand the row's newest token to its reply; return whether the request has finished."""

@@ -11,6 +11,11 @@ A family module (``chatglm.py``, ``chatglm2.py``, ``hf_causal_lm.py``) is a ``to
 Without a cache, ``forward`` runs the whole sequence (masks and positions built as the reference
 builds them).  With a cache, ``input_ids`` are the tokens that follow what the cache holds; the
 model writes their keys/values into it, derives their positions from it and advances it.
+
+Causal families that batch (``decode_rows`` and ``supports_prefix_reuse``: ``llama.py``, ``chatglm2.py``)
+also take ``lengths`` ``[batch]``: rows padded on the right, row ``i``'s tokens its first ``lengths[i]``;
+with ``last_only`` the logits are each row's last token's (``last_tokens``).  Under causal attention no
+token sees the padding after it, so several prompts are prefilled in one forward exactly.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ class CausalLM(Protocol):
         cache: Cache | None = None,
         last_only: bool = False,
     ) -> CausalLMOutput: ...
+
+
+def last_tokens(h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """``[batch, 1, hidden]``: the last position of each row, or with ``lengths`` position ``lengths[i] - 1``."""
+    if lengths is None:
+        return h[:, -1:]
+    index = (lengths.to(h.device) - 1).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+    return h.gather(1, index)
 
 
 class Block(nn.Module):

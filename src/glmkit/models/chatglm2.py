@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import Block, CausalLMOutput, KVCache, RowSlots
+from glmkit.models.base import Block, CausalLMOutput, KVCache, RowSlots, last_tokens
 from glmkit.models.chatglm import PrefixEncoder, causal_blocked, prefix_key_values, rows_blocked, run_layers
 from glmkit.models.loading import allocate_cache, gpu_devices, load_pretrained
 from glmkit.models.quantize import QuantizationSpec
@@ -262,7 +262,7 @@ class ChatGLMModel(nn.Module):
             cache.state.clear()
         if position_ids is None:
             position_ids = torch.arange(past, past + n, device=input_ids.device)[None].expand(b, n)
-            if past:
+            if past and "position_offset" in cache.state:  # a row filled by a batched prefill has none: 0
                 position_ids = position_ids + cache.state["position_offset"][:, None]
         key_blocked = self._key_blocked(cache, past, n, attention_mask)
         if cache is not None:
@@ -427,15 +427,17 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits ``[batch, seq, vocab]``.
 
         ``attention_mask``: ``[b, past+s]``, 1 = token, 0 = (left) padding.  ``position_ids``: ``[b, s]``;
         without them positions count from the cache's start (plus the offset of positions given earlier).
+        ``lengths``: rows padded on the right, see ``models/base.py``.
         """
         h = self.transformer(input_ids, attention_mask, position_ids, cache)
         if last_only:
-            h = h[:, -1:]
+            h = last_tokens(h, lengths)
         return CausalLMOutput(logits=self.transformer.output_layer(h))
 
     def decode_rows(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.errors import GlmkitError
-from glmkit.models.base import Block, CausalLMOutput, KVCache
+from glmkit.models.base import Block, CausalLMOutput, KVCache, last_tokens
 from glmkit.models.loading import check_requested_bits
 from glmkit.models.quantize import QuantizationSpec, pack_model, quantize_model, replace_linears
 from glmkit.models.weights import load_state_dict
@@ -232,12 +232,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight.dtype, self.device,
         )  # fmt: skip
 
-    def _run(self, input_ids, positions, mask, stores, last_only: bool) -> torch.Tensor:
+    def _run(self, input_ids, positions, mask, stores, last_only: bool, lengths=None) -> torch.Tensor:
         cos, sin = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
         for layer, store in zip(self.model.layers, stores, strict=True):
             x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, store)
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        x = self.model.norm(last_tokens(x, lengths) if last_only else x)
         return self.lm_head(x)
 
     def forward(
@@ -247,6 +247,7 @@ class LlamaForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         batch, seq = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -263,7 +264,7 @@ class LlamaForCausalLM(nn.Module):
             stores = [lambda k, v: (k, v)] * len(self.model.layers)
         else:
             stores = [lambda k, v, i=i: cache.update(i, k, v) for i in range(len(self.model.layers))]
-        logits = self._run(input_ids, position_ids, mask, stores, last_only)
+        logits = self._run(input_ids, position_ids, mask, stores, last_only, lengths)
         if cache is not None:
             cache.advance(seq)
         return CausalLMOutput(logits=logits)
