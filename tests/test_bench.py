@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,44 @@ def test_docs_section_is_appended_then_replaced(glm_run):
     assert "a later run" in again and report["date"] not in again and again.endswith("## Later notes\n")
 
 
+def test_the_section_tells_each_figures_seconds(glm_run):
+    work, report, _ = glm_run
+    assert report["complete"] and list(report["seconds"])[:2] == ["limits", "batch-1 glmkit eager"]
+    assert "streams 4" in report["seconds"] and all(s >= 0 for s in report["seconds"].values())
+    text = (work / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "Seconds per figure, compilation included: limits " in text and "The run stopped there" not in text
+
+
+def test_a_run_killed_part_way_keeps_what_it_measured(tmp_path):
+    command = [sys.executable, "-m", "glmkit", "bench", "--quick", "--threads", "1", "--shape", "chatglm3-6b",
+               "--json", "out.json", "--docs", "bench.md"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out.json"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (out.exists() and json.loads(out.read_text()).get("batch1")):
+            time.sleep(0.05)
+        process.kill()  # as a time limit does: no chance to write anything more
+    finally:
+        process.wait(timeout=60)
+    report = json.loads(out.read_text())  # whole: each write replaced the last
+    assert not report["complete"] and report["batch1"][0]["tok_s"] > 0
+    text = (tmp_path / "bench.md").read_text(encoding="utf-8")
+    assert "| batch-1 decode, glmkit eager |" in text and "The run stopped there" in text
+    assert "streams through the scheduler" not in text and text.rstrip().endswith(END_MARKER)
+
+
+def test_some_figures_only_get_a_section_of_their_own(glm_run):
+    work, full, _ = glm_run
+    bench(work, "--shape", "chatglm3-6b", "--figures", "streams", "--streams", "1", "--json", "some.json")
+    report = json.loads((work / "some.json").read_text())
+    assert report["complete"] and "batch1" not in report and "ttft" not in report
+    assert [s["streams"] for s in report["streams"]] == [1] and report["streams"][0]["vs_transformers"] is None
+    text = (work / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert start_marker(report) == "<!-- glmkit bench: cpu chatglm3-6b-tiny streams -->"
+    assert text.count(start_marker(report)) == 1 and text.count(start_marker(full)) == 1  # the full run's stays
+
+
 def test_chatglm6b_shape_has_no_transformers_number(tmp_path):
     bench(tmp_path, "--shape", "chatglm-6b", "--json", "out.json", "--streams", "1,4")
     report = json.loads((tmp_path / "out.json").read_text())
@@ -123,6 +162,7 @@ def test_demo_model_beside_transformers(tmp_path):
         (["--streams", "0,8"], "--streams must be a comma list"),
         (["--streams", ""], "--streams must be a comma list"),
         (["--docs", "d.md", "--no-docs"], "--docs and --no-docs together"),
+        (["--figures", "batch1,speed"], "--figures must be a comma list of batch1, ttft, streams"),
         pytest.param(
             ["--shape", "glm4-9b"],
             "needs a CUDA GPU",

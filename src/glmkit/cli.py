@@ -82,7 +82,8 @@ EXAMPLES = {
     ],
     "bench": [
         ("glmkit bench", "ChatGLM3-6B's shape on a GPU (the demo model on a CPU); updates docs/benchmarks.md"),
-        ("glmkit bench --shape glm4-9b --streams 1,64 --no-docs", "another shape, two stream counts, print only"),
+        ("glmkit bench --shape glm4-9b --figures ttft,streams --streams 1,64 --no-docs",
+         "another shape, some figures, print only"),
         ("glmkit bench --quick --skip-transformers --json bench.json", "a short run, every figure as JSON"),
     ],
     "env": [("glmkit env", "paste its output into bug reports"), ("glmkit --version", "the version alone")],
@@ -674,6 +675,11 @@ def bench(
         bool, typer.Option("--quick", help="One run of few tokens each; on a CPU a tiny model of a GPU shape's family.")
     ] = False,
     skip_transformers: Annotated[bool, typer.Option("--skip-transformers", help="Leave transformers out.")] = False,
+    figures: Annotated[
+        str | None,
+        typer.Option(help="Only these of batch1, ttft, streams (comma list; default all): a run split over "
+                     "several shorter ones, each with its own docs section."),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
     docs: Annotated[
         Path | None,
@@ -687,24 +693,30 @@ def bench(
     import json
     import shlex
 
-    from glmkit.bench.report import markdown_table, notes, write_docs
+    from glmkit.bench.report import markdown_table, notes, write_docs, write_whole
     from glmkit.bench.run import make_plan, run
 
     if docs is not None and no_docs:
         raise GlmkitError("--docs and --no-docs together: give one")
-    plan = make_plan(shape, streams, quick, skip_transformers)  # every flag checked before a model is built
+    plan = make_plan(shape, streams, quick, skip_transformers, figures)  # all flags checked before a model is built
     _set_threads(threads, server=False)
     if docs is None and not no_docs and Path("docs/benchmarks.md").is_file():
         docs = Path("docs/benchmarks.md")
     # a run takes minutes: its section lines go to stderr even when that is a log file, not a terminal
     say = progress.enable().say
-    report = run(plan, "glmkit " + shlex.join(sys.argv[1:]), say)
+
+    def keep(report: dict) -> None:  # after every figure: a run stopped part way keeps what it measured
+        if json_out is not None:
+            write_whole(json_out, json.dumps(report, indent=1) + "\n")
+        if docs is not None:
+            write_docs(docs, report)
+
+    report = run(plan, "glmkit " + shlex.join(sys.argv[1:]), say, keep)
+    keep(report)
     typer.echo(markdown_table(report) + "\n\n" + notes(report))
     if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         say(f"wrote {json_out}")
     if docs is not None:
-        write_docs(docs, report)
         say(f"wrote the {report['device']} {report['shape']} section of {docs}")
 
 

@@ -3,11 +3,13 @@ docs/benchmarks.md it replaces between its markers."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 END_MARKER = "<!-- /glmkit bench -->"
+FIGURES = ("batch1", "ttft", "streams")  # what a run measures, in this order (--figures picks some)
 HEADER = ["figure", "value", "/ limit", "/ transformers", "peak GiB"]
 
 
@@ -26,29 +28,39 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         ["copy bandwidth (read + written)", f"{_number(limits['copy_bandwidth_gb_s'])} GB/s", "", "", ""],
         [f"matrix rate ({limits['matrix_dtype']} matmul)", f"{limits['matrix_tflop_s']:g} TFLOP/s", "", "", ""],
     ]
-    for row in report["batch1"]:
+    for row in report.get("batch1", []):
         name = f"batch-1 decode, {row['row']}"
         if "tok_s" in row:
             value = f"{_number(row['tok_s'])} tok/s (limit {_number(row['limit_tok_s'])})"
-            rows.append([name, value, _x(row["vs_limit"]), _x(row["vs_transformers"]), str(row.get("peak_gib", ""))])
+            rows.append([name, value, _x(row.get("vs_limit")), _x(row.get("vs_transformers")),
+                         str(row.get("peak_gib", ""))])  # fmt: skip
         else:
             rows.append([name, row.get("error") or row["note"], "", "", ""])
-    ttft, loaded = report["ttft"], report["ttft_under_load"]
-    tokens = f"{ttft['prompt_tokens']:,}-token prompt"
-    rows.append([f"time to first token, {tokens}, alone", f"{ttft['ms']} ms (limit {ttft['limit_ms']} ms)",
-                 _x(ttft["vs_limit"]), _x(ttft["vs_transformers"]) or ttft["transformers_note"],
-                 str(ttft.get("peak_gib", ""))])  # fmt: skip
-    rows.append([f"time to first token, {tokens}, while {loaded['others']} streams decode",
-                 f"{loaded['ttft_ms']} ms", _x(loaded["vs_limit"]), "", str(loaded.get("peak_gib", ""))])  # fmt: skip
-    during = loaded["others_itl_p99_ms_during"] or "n/a"  # none: no stream had two tokens in that window
-    rows.append(["their inter-token p99 before / while it is prefilled",
-                 f"{loaded['others_itl_p99_ms_before']} / {during} ms", "", "", ""])  # fmt: skip
-    for result in report["streams"]:
+    if "ttft" in report:
+        rows += _ttft_rows(report)
+    for result in report.get("streams", []):
         value = (f"{_number(result['tok_s'])} tok/s (decode phase {_number(result['decode_tok_s'])}), "
                  f"inter-token p50 / p99 {result['itl_p50_ms']} / {result['itl_p99_ms']} ms")  # fmt: skip
         count = result["streams"]
         rows.append([f"{count} stream{'s' if count > 1 else ''} through the scheduler", value, _x(result["vs_limit"]),
                      _x(result["vs_transformers"]), str(result.get("peak_gib", ""))])  # fmt: skip
+    return rows
+
+
+def _ttft_rows(report: dict[str, Any]) -> list[list[str]]:
+    ttft = report["ttft"]
+    tokens = f"{ttft['prompt_tokens']:,}-token prompt"
+    rows = [[f"time to first token, {tokens}, alone", f"{ttft['ms']} ms (limit {ttft['limit_ms']} ms)",
+             _x(ttft["vs_limit"]), _x(ttft["vs_transformers"]) or ttft["transformers_note"],
+             str(ttft.get("peak_gib", ""))]]  # fmt: skip
+    loaded = report.get("ttft_under_load")
+    if loaded is None:
+        return rows
+    rows.append([f"time to first token, {tokens}, while {loaded['others']} streams decode",
+                 f"{loaded['ttft_ms']} ms", _x(loaded["vs_limit"]), "", str(loaded.get("peak_gib", ""))])  # fmt: skip
+    during = loaded["others_itl_p99_ms_during"] or "n/a"  # none: no stream had two tokens in that window
+    rows.append(["their inter-token p99 before / while it is prefilled",
+                 f"{loaded['others_itl_p99_ms_before']} / {during} ms", "", "", ""])  # fmt: skip
     return rows
 
 
@@ -66,9 +78,10 @@ def notes(report: dict[str, Any]) -> str:
         "when it began (`torch.cuda.max_memory_allocated`, reset before each figure): what it needs alone, "
         "without the bf16 model that the INT8/INT4 rows keep for the later ones"
         if report["device"] == "cuda"
-        else f"peak GiB: not per figure on a CPU; the process's RSS high-water mark over the run was "
-        f"{report['rss_high_water_gib']} GiB"
-    )
+        else "peak GiB: not per figure on a CPU"
+        + (f"; the process's RSS high-water mark over the run was {report['rss_high_water_gib']} GiB"
+           if "rss_high_water_gib" in report else "")  # read at the end of a run
+    )  # fmt: skip
     return (
         f"Batch 1: a {plan['prompt_tokens']}-token prompt, {plan['new_tokens']} new tokens, greedy, median of "
         f"{plan['repeats']} after a warm-up run, tok/s from the first token to the last. The batch-1 limit is the "
@@ -84,6 +97,8 @@ def notes(report: dict[str, Any]) -> str:
 def section(report: dict[str, Any]) -> str:
     """The docs section of one run, between its markers."""
     config = ", ".join(f"{k} {v}" for k, v in report["config"].items()) or "the bundled demo model's own weights"
+    size = (f"{report['parameters']:,} parameters ({report['weight_bytes'] / 1e9:.3g} GB of weights); "
+            if "parameters" in report else "")  # fmt: skip
     return "\n".join([
         start_marker(report),
         f"### `glmkit bench`: {report['shape']} on {report['device_name']}",
@@ -93,18 +108,29 @@ def section(report: dict[str, Any]) -> str:
         "```",
         "",
         f"{report['date']}; glmkit {report['glmkit']}, torch {report['torch']}, transformers "
-        f"{report['transformers']}, torch threads: {report['torch_threads']}; {report['dtype']}, "
-        f"{report['parameters']:,} parameters ({report['weight_bytes'] / 1e9:.3g} GB of weights); {config}.",
+        f"{report['transformers']}, torch threads: {report['torch_threads']}; {report['dtype']}, {size}{config}.",
         "",
         markdown_table(report),
         "",
         notes(report),
+        "",
+        seconds(report),
         END_MARKER,
     ])  # fmt: skip
 
 
+def seconds(report: dict[str, Any]) -> str:
+    """How long each figure took, and whether the run got to the end."""
+    took = ", ".join(f"{figure} {s:g}" for figure, s in report["seconds"].items())
+    end = "" if report["complete"] else " The run stopped there: the figures missing from the table were not reached."
+    return f"Seconds per figure, compilation included: {took}.{end}"
+
+
 def start_marker(report: dict[str, Any]) -> str:
-    return f"<!-- glmkit bench: {report['device']} {report['shape']} -->"
+    """A run's section is its device kind's and shape's; one of some figures only (``--figures``) has its own."""
+    figures = report["plan"]["figures"]
+    some = "" if tuple(figures) == FIGURES else " " + ",".join(figures)
+    return f"<!-- glmkit bench: {report['device']} {report['shape']}{some} -->"
 
 
 def write_docs(path: Path, report: dict[str, Any]) -> None:
@@ -116,4 +142,12 @@ def write_docs(path: Path, report: dict[str, Any]) -> None:
         text = pattern.sub(lambda _match: new, text, count=1)
     else:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + new
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    write_whole(path, text.rstrip("\n") + "\n")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path``, then rename it over: a run killed while writing leaves the last
+    whole file, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
