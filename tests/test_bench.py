@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -179,3 +180,21 @@ def test_bad_flags_are_one_error_line(args, message, monkeypatch, capsys, tmp_pa
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert list(tmp_path.iterdir()) == []  # refused before anything ran or was written
+
+
+def test_ptuning_int4_script_trains_both_bases(tmp_path):
+    """scripts/bench_ptuning_int4.py --tiny on the CPU: P-Tuning v2 steps over an INT4 and a float base."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ptuning_int4.py"
+    out = tmp_path / "out.json"
+    command = [sys.executable, str(script), "--tiny", "--device", "cpu", "--warmup", "1", "--steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread, as bench() above
+    result = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    int4, base = rows["int4"], rows["float"]
+    for row in (int4, base):
+        assert len(row["losses"]) == 3 and all(math.isfinite(loss) for loss in row["losses"]), row
+        assert row["trainable_parameters"] == int4["trainable_parameters"] > 0  # the prefix encoder alone
+    assert int4["quantized_linears"] == 8 and int4["int4_layouts"] == ["plain"]  # 2 layers x 4, trained unpacked
+    assert base["quantized_linears"] == 0 and int4["weight_tensors_gib"] < base["weight_tensors_gib"]
+    assert "| official INT4 claim |" in result.stdout
