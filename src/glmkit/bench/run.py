@@ -137,12 +137,13 @@ def run(
         "plan": {k: v for k, v in asdict(plan).items() if k != "shape"},
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "complete": False, "seconds": {},
     }  # fmt: skip
-    clock = [time.perf_counter()]
+    last = time.perf_counter()
 
     def finished(figure: str, line: str) -> None:
+        nonlocal last
         now = time.perf_counter()
-        report["seconds"][figure] = round(now - clock[0], 1)
-        clock[0] = now
+        report["seconds"][figure] = round(now - last, 1)
+        last = now
         say(f"{line} ({report['seconds'][figure]:.0f} s)")
         if checkpoint is not None:
             checkpoint(report)
@@ -183,9 +184,10 @@ def run(
         alone.update(limit_ms=round(limit_ms, 2), vs_limit=_ratio(limit_ms, alone["ms"]), transformers_ms=peer_ms,
                      transformers_note=peer_note, vs_transformers=_ratio(peer_ms, alone["ms"]))  # fmt: skip
         report["ttft"] = alone
-        del hf
-        _release()
-        finished("ttft", f"time to first token, {plan.ttft_tokens}-token prompt: {alone['ms']} ms")
+    hf = None  # transformers' figures are done: its memory back before the scheduler's
+    _release()
+    if "ttft" in plan.figures:
+        finished("ttft", f"time to first token, {plan.ttft_tokens}-token prompt: {report['ttft']['ms']} ms")
         loaded = measure.ttft_under_load(model, plan.ttft_others, stream_prompt, long)
         loaded.update(limit_ms=round(limit_ms, 2), vs_limit=_ratio(limit_ms, loaded["ttft_ms"]))
         report["ttft_under_load"] = loaded

@@ -528,11 +528,11 @@ class Scheduler:
             scratch = model.new_cache(len(group), width)
             logits = model(padded, cache=scratch, last_only=True, lengths=lengths).logits[:, -1]
             assert self._cache is not None
-            slots = torch.tensor([p.slot for p in group])
+            slots = torch.tensor([p.slot for p in group], device=model.device)
             # what the padding left past each prompt lies where that row's decoding writes before it reads
             stores, fills = [*self._cache.keys, *self._cache.values], [*scratch.keys, *scratch.values]
             for stored, fresh in zip(stores, fills, strict=True):
-                stored[:, :, :width].index_copy_(0, slots.to(stored.device), fresh)
+                stored[:, :, :width].index_copy_(0, slots.to(stored.device), fresh)  # layers may sit on other GPUs
             firsts = torch.cat([self._first_token(p, logits[j : j + 1]) for j, p in enumerate(group)]).tolist()
         except Exception:
             logger.debug("glmkit: a batched prefill failed; its prompts go in one at a time", exc_info=True)

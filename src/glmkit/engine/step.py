@@ -110,7 +110,8 @@ class DecodeStep:
         self._pool = torch.cuda.graph_pool_handle() if self._graphed else None  # one pool for all buckets
         self._host = torch.empty(self.rows, dtype=torch.int64, pin_memory=self._graphed)
         self._windows: dict[int, KVCache] = {}
-        self._int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        # which compilation the step takes (see _compiled_decode); only a compiled step asks
+        self._int8 = self.mode == "compiled" and any(isinstance(m, Int8Linear) for m in model.modules())
 
     def place(self, row: int, token: torch.Tensor | int, position: int) -> None:
         self.tokens[row, 0] = token

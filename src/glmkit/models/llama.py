@@ -232,7 +232,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight.dtype, self.device,
         )  # fmt: skip
 
-    def _run(self, input_ids, positions, mask, stores, last_only: bool, lengths=None) -> torch.Tensor:
+    def _run(
+        self, input_ids, positions, mask, stores, last_only: bool, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cos, sin = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
         for layer, store in zip(self.model.layers, stores, strict=True):
