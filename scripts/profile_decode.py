@@ -8,11 +8,11 @@ batch 1 and 64 (``profile_step_b1.txt``, ``profile_step_b64.txt``).  Prints JSON
 
     PYTHONPATH=src python scripts/profile_decode.py [--shape glm4-9b] [--modes graphs,compiled]
 
-``--kernels N`` instead compares the kernels of the compiled batch-1 step on the shape cut to ``N`` layers
-(compiling is then quick): bf16, INT8, INT4 through ``_weight_int4pack_mm`` and INT4 dequantized in the
-plain layout, each with inductor's coordinate-descent tuning off and on (which turns a one-row matmul
-into a reduction that the weight's dequantization fuses into); the step's milliseconds, the weight
-bytes it reads over that time, the compile seconds, and its logits against the eager step's.
+``--kernels N`` instead compares weight formats (``KERNELS``): each linear of one decoder layer alone in a
+CUDA graph at 1 to 256 rows (microseconds, GB/s of weight bytes, error against the dequantized weight),
+then the compiled step of the shape cut to ``N`` layers (compiling is then quick) at 1, 8 and 64 rows:
+bf16, INT8 through glmkit's Triton kernels, INT8 the way it ran before them (weight cast for a matmul,
+coordinate-descent tuning on), INT4 through tinygemm.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 
 from glmkit.bench.measure import sync, weight_bytes
 from glmkit.bench.shapes import SHAPES, Shape, build, prompt, vocab_size
-from glmkit.engine import step as step_module
 from glmkit.engine.step import DecodeStep
 from glmkit.models.quantize import quantize_model
 
@@ -101,39 +100,119 @@ def step_agreement(model, ids: list[int], modes: list[str]) -> dict[str, float]:
     return {m: float((x - first).norm() / first.norm()) for m, x in logits.items()}
 
 
-def kernel_variants(shape: Shape, layers: int) -> list[dict]:
-    """The compiled batch-1 step of ``shape`` cut to ``layers`` layers, per weight format and tuning."""
+def _old_int8(module, x):
+    """Int8Linear's CUDA matmul before the Triton kernels: cast the weight, matmul, scale."""
+    return torch.nn.functional.linear(x, module.weight.to(x.dtype)) * module.weight_scale.to(x.dtype)
+
+
+def _packed_int4(linear):
+    from glmkit.models.quantize import Int4Linear
+
+    module = Int4Linear.from_linear(linear, 32)
+    module.pack()
+    return module
+
+
+KERNELS = {  # weight format -> (bits, group, matmul replacing the module's own, coordinate-descent tuning)
+    "bf16": (None, None, None, False),
+    "INT8 Triton": (8, None, None, False),
+    "INT8 cast + matmul (tuned)": (8, None, _old_int8, True),
+    "INT4 g32 (tinygemm)": (4, 32, None, False),
+}
+
+
+def kernel_variants(shape: Shape, layers: int, rows: tuple[int, ...]) -> list[dict]:
+    """The compiled step of ``shape`` cut to ``layers`` layers per weight format (``KERNELS``), for a
+    batch of each of ``rows``."""
     import torch._inductor.config as inductor
+
+    from glmkit.models.quantize import Int4Linear, Int8Linear
 
     small = Shape(f"{shape.name}-{layers}-layers", shape.family, {**shape.config, "num_layers": layers})
     base = build(small, torch.device("cuda"), torch.bfloat16)
     ids = prompt(small, 128, vocab_size(base), 1)
-    variants = {"bf16": lambda: base, "INT8": lambda: quantize_model(copy.deepcopy(base), 8),
-                "INT4 tinygemm": lambda: quantize_model(copy.deepcopy(base), 4),
-                "INT4 plain": lambda: quantize_model(copy.deepcopy(base), 4, pack=False)}  # fmt: skip
-    rows = []
-    for name, make in variants.items():
-        model = make()
-        for tuning in (False, True):
-            inductor.coordinate_descent_tuning = tuning
-            torch._dynamo.reset()
-            # the step's own choice (tuning for INT8) set aside: the global setting decides here
-            compiled = torch.compile(step_module._decode)
-            step_module._compiled.update({False: compiled, True: compiled})
-            row = {"weights": name, "coordinate_descent": tuning, "weight_gb": round(weight_bytes(model) / 1e9, 3)}
+    results = []
+    for name, (bits, group, matmul, tuning) in KERNELS.items():
+        model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group_size=group or 32)
+        saved = {cls: cls.matmul for cls in (Int8Linear, Int4Linear)}
+        if matmul is not None:
+            (Int8Linear if bits == 8 else Int4Linear).matmul = matmul
+        inductor.coordinate_descent_tuning = tuning
+        torch._dynamo.reset()
+        for batch in rows:
+            row = {"weights": name, "rows": batch, "weight_gb": round(weight_bytes(model) / 1e9, 3)}
             try:
                 start = time.perf_counter()
-                row["logits_rel_diff"] = step_agreement(model, ids, ["eager", "compiled"])["compiled"]
-                row["compile_s"] = round(time.perf_counter() - start, 1)
-                row["step_ms"] = round(step_only(model, 1, "compiled", None), 3)
+                if batch == 1:
+                    row["logits_rel_diff"] = step_agreement(model, ids, ["eager", "compiled"])["compiled"]
+                row["step_ms"] = round(step_only(model, batch, "compiled", None), 3)
+                row["first_s"] = round(time.perf_counter() - start, 1)
                 row["gb_s"] = round(weight_bytes(model) / row["step_ms"] / 1e6, 1)
             except Exception as exc:  # one variant failing must not cost the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(row)
+            results.append(row)
             print(json.dumps(row), flush=True)
-        del model
+        for cls, original in saved.items():
+            cls.matmul = original
+        if model is not base:
+            del model
     inductor.coordinate_descent_tuning = False
-    return rows
+    return results
+
+
+def _graph_us(fn) -> float:
+    """Microseconds of one replay of ``fn`` captured as a CUDA graph (after two warm-up calls)."""
+    fn()
+    fn()
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        graph.replay()
+    sync()
+    return (time.perf_counter() - start) / 20 * 1e6
+
+
+def linear_rates(shape: Shape, rows: tuple[int, ...], copies: int = 8) -> list[dict]:
+    """Each linear shape of one decoder layer alone: ``copies`` distinct weights (more bytes than the L2
+    holds) multiplied in one CUDA graph, per weight format and batch; GB/s of weight bytes read."""
+    from glmkit.models.quantize import Int8Linear
+
+    one = build(Shape("one-layer", shape.family, {**shape.config, "num_layers": 1}), torch.device("cuda"),
+                torch.bfloat16)  # fmt: skip
+    shapes = [(m.in_features, m.out_features) for m in one.blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    del one
+    formats = {  # name -> (module from a bf16 linear, matmul)
+        "bf16": (lambda lin: lin, lambda module, x: module(x)),
+        "INT8 Triton": (Int8Linear.from_linear, lambda module, x: module(x)),
+        "INT8 cast + matmul": (Int8Linear.from_linear, _old_int8),
+        "INT4 g32 (tinygemm)": (_packed_int4, lambda module, x: module(x)),
+    }
+    out = []
+    with torch.inference_mode():
+        for k, n in shapes:
+            for name, (make, call) in formats.items():
+                bf16 = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+                modules = [make(linear) for linear in bf16]
+                for m in rows:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    row = {"linear": f"{k}x{n}", "weights": name, "rows": m}
+                    try:
+                        us = _graph_us(lambda: [call(module, x) for module in modules]) / copies  # noqa: B023
+                        row.update(us=round(us, 1), gb_s=round(weight_bytes(modules[0]) / us / 1e3, 1))
+                        if name != "bf16":
+                            reference = x.float() @ modules[0].dequantize(torch.float32).t()
+                            got = call(modules[0], x).float()
+                            row["rel_err"] = float((got - reference).norm() / reference.norm())
+                    except Exception as exc:  # one format failing must not cost the others
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    out.append(row)
+                    print(json.dumps(row), flush=True)
+    return out
 
 
 def main() -> None:
@@ -149,7 +228,8 @@ def main() -> None:
     shape = SHAPES[args.shape]
     if args.kernels:
         report = {"shape": shape.name, "layers": args.kernels, "gpu": torch.cuda.get_device_name(),
-                  "torch": torch.__version__, "variants": kernel_variants(shape, args.kernels)}  # fmt: skip
+                  "torch": torch.__version__, "linears": linear_rates(shape, (1, 2, 16, 64, 256)),
+                  "variants": kernel_variants(shape, args.kernels, (1, 8, 64))}  # fmt: skip
         out.write_text(json.dumps(report, indent=1))
         return
     model = build(shape, torch.device("cuda"), torch.bfloat16)

@@ -17,6 +17,7 @@ The model provides ``decode_rows(input_ids [n, 1], cache, None, positions [n]) -
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from typing import Any
 import torch
 
 from glmkit.models.base import KVCache
-from glmkit.models.quantize import Int8Linear
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SMALLEST_WINDOW = 256
@@ -33,7 +33,6 @@ MODES = ("eager", "graphs", "compiled")
 
 logger = logging.getLogger(__name__)
 _noticed: set[str] = set()
-_compiled: dict[bool, Any] = {}
 
 
 def decode_mode(device: torch.device) -> str:
@@ -75,15 +74,9 @@ def _decode(model: Any, tokens: torch.Tensor, cache: KVCache, positions: torch.T
     return logits
 
 
-def _compiled_decode(int8: bool) -> Any:
-    # inductor's coordinate-descent tuning makes a one-row matmul a reduction that the cast of an INT8
-    # weight fuses into (one read of the int8 bytes); without it the cast-and-matmul of Int8Linear ran
-    # at a tenth of bf16's speed.  Measured on an H200, the compiled batch-1 step of 4 ChatGLM3 layers
-    # (scripts/profile_decode.py --kernels 4): INT8 8.20 -> 0.98 ms; bf16 0.700 -> 0.676 ms for 3.5x the
-    # compile time, and INT4's tinygemm unchanged, so only INT8 models get it
-    if int8 not in _compiled:
-        _compiled[int8] = torch.compile(_decode, options={"coordinate_descent_tuning": True} if int8 else None)
-    return _compiled[int8]
+@functools.cache
+def _compiled_decode() -> Any:
+    return torch.compile(_decode)
 
 
 class DecodeStep:
@@ -110,8 +103,6 @@ class DecodeStep:
         self._pool = torch.cuda.graph_pool_handle() if self._graphed else None  # one pool for all buckets
         self._host = torch.empty(self.rows, dtype=torch.int64, pin_memory=self._graphed)
         self._windows: dict[int, KVCache] = {}
-        # which compilation the step takes (see _compiled_decode); only a compiled step asks
-        self._int8 = self.mode == "compiled" and any(isinstance(m, Int8Linear) for m in model.modules())
 
     def place(self, row: int, token: torch.Tensor | int, position: int) -> None:
         self.tokens[row, 0] = token
@@ -160,7 +151,7 @@ class DecodeStep:
             torch._dynamo.maybe_mark_dynamic(t, 2)
         if cache.window_positions is not None:  # one compilation for every window
             torch._dynamo.maybe_mark_dynamic(cache.window_positions, 0)
-        return _compiled_decode(self._int8)(self.model, tokens, cache, positions)
+        return _compiled_decode()(self.model, tokens, cache, positions)
 
     def _window(self, length: int) -> KVCache:
         """The cache as a window of ``length`` positions (its own tensors and state, made once a length)."""

@@ -2,8 +2,8 @@
 
 * ``Int8Linear``: symmetric INT8 per output channel, ``weight`` int8 ``[out, in]`` and ``weight_scale``
   ``[out]`` -- the names and the meaning of the official ChatGLM INT8 checkpoints, which load as they are.
-  CPU: ``torch._weight_int8pack_mm``.  CUDA: ``linear(x, int8 -> x.dtype) * scale``, which ``torch.compile``
-  fuses into one weight read (the aten CUDA kernel of 2.11 is a naive loop, see scripts/bench_quantize.py).
+  CPU: ``torch._weight_int8pack_mm``.  CUDA: glmkit's Triton kernels (``int8_kernels.py``; the aten CUDA
+  kernel of 2.11 is a naive loop, see scripts/bench_quantize.py).
 * ``Int4Linear``: asymmetric INT4 in groups of ``group_size`` inputs (tinygemm's format: a value is
   ``(q - 8) * scale + zero``, ``q`` in 0..15).  Stored as ``weight`` uint8 ``[out, in/2]`` (element ``2j`` in
   the high nibble, ``2j+1`` in the low one, as the official ChatGLM INT4 files and
@@ -116,7 +116,11 @@ class Int8Linear(nn.Module):
         scale = self.weight_scale.to(x.dtype)
         if x.device.type == "cpu":
             return torch._weight_int8pack_mm(_rows_2d(x), self.weight, scale).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight.to(x.dtype)) * scale  # under torch.compile the cast fuses into the matmul
+        if x.device.type == "cuda":
+            from glmkit.models.int8_kernels import int8_matmul  # Triton: imported on CUDA only
+
+            return int8_matmul(_rows_2d(x), self.weight, scale).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype)) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = quantized_matmul(self, x)
