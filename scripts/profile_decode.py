@@ -221,15 +221,17 @@ def main() -> None:
                         default="chatglm3-6b")  # fmt: skip
     parser.add_argument("--modes", default="graphs,compiled", help="modes of the step-alone timings")
     parser.add_argument("--skip-floor", action="store_true", help="skip the linears-only floor")
-    parser.add_argument("--kernels", type=int, metavar="LAYERS", help="compare weight formats and tuning instead")
+    parser.add_argument("--kernels", type=int, metavar="LAYERS", help="compare weight formats instead")
+    parser.add_argument("--linears-only", action="store_true", help="with --kernels: the linears alone, no steps")
     parser.add_argument("--out", type=Path, help="default: $OUT/profile_decode.json")
     args = parser.parse_args()
     out = args.out or Path(os.environ.get("OUT", ".")) / "profile_decode.json"
     shape = SHAPES[args.shape]
     if args.kernels:
+        steps = [] if args.linears_only else kernel_variants(shape, args.kernels, (1, 8, 64))
         report = {"shape": shape.name, "layers": args.kernels, "gpu": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "linears": linear_rates(shape, (1, 2, 16, 64, 256)),
-                  "variants": kernel_variants(shape, args.kernels, (1, 8, 64))}  # fmt: skip
+                  "variants": steps}  # fmt: skip
         out.write_text(json.dumps(report, indent=1))
         return
     model = build(shape, torch.device("cuda"), torch.bfloat16)
