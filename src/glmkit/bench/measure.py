@@ -233,10 +233,14 @@ def ttft(model: Any, ids: list[int], repeats: int) -> dict[str, Any]:
     return result
 
 
-def ttft_under_load(model: Any, others: int, prompts: Callable[[int], list[int]], newcomer: list[int]) -> dict:
+def ttft_under_load(
+    model: Any, others: int, prompts: Callable[[int], list[int]], newcomer: list[int], chunk: int | None = None
+) -> dict:
     """``newcomer`` arriving while ``others`` streams (``prompts(i)``) decode: its time to first token,
-    and the p99 gap between the running streams' tokens in the second before it and while it is prefilled."""
-    scheduler = Scheduler(Engine(model, CharTokenizer()), max_active=others + 1, max_queue=others + 1)
+    and the p99 gap between the running streams' tokens in the second before it and while it is prefilled
+    (``chunk``: the scheduler's ``prefill_chunk``, default its own)."""
+    sizes = {"prefill_chunk": chunk} if chunk else {}
+    scheduler = Scheduler(Engine(model, CharTokenizer()), max_active=others + 1, max_queue=others + 1, **sizes)
     config = GenerationConfig(do_sample=False, max_new_tokens=2048)  # longer than the measurement
     stamps: list[list[float]] = [[] for _ in range(others)]
     result: dict[str, Any] = {"others": others, "prompt_tokens": len(newcomer), "chunk": scheduler.prefill_chunk}
