@@ -198,3 +198,17 @@ def test_ptuning_int4_script_trains_both_bases(tmp_path):
     assert int4["quantized_linears"] == 8 and int4["int4_layouts"] == ["plain"]  # 2 layers x 4, trained unpacked
     assert base["quantized_linears"] == 0 and int4["weight_tensors_gib"] < base["weight_tensors_gib"]
     assert "| official INT4 claim |" in result.stdout
+
+
+def test_ttft_under_load_takes_the_prefill_chunk():
+    """The chunk a newcomer is prefilled in (scripts/bench_prefill_chunk.py compares them) reaches the
+    scheduler: a 64-token prompt in chunks of 16 while 2 streams decode."""
+    from glmkit.bench import measure
+    from glmkit.bench.shapes import SHAPES, build, prompt, vocab_size
+
+    shape = SHAPES["chatglm3-6b"].tiny()
+    model = build(shape, torch.device("cpu"), torch.float32)
+    vocab = vocab_size(model)
+    result = measure.ttft_under_load(model, 2, lambda i: prompt(shape, 8, vocab, i), prompt(shape, 64, vocab, 7), 16)
+    assert result["chunk"] == 16 and result["ttft_ms"] > 0
+    assert result["others_itl_p99_ms_before"] > 0
