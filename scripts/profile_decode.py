@@ -34,6 +34,23 @@ from glmkit.models.quantize import quantize_model
 ROWS = (1, 8, 64)
 
 
+def _graph_us(fn) -> float:
+    """Microseconds of one replay of ``fn`` captured as a CUDA graph (after two warm-up calls)."""
+    fn()
+    fn()
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        graph.replay()
+    sync()
+    return (time.perf_counter() - start) / 20 * 1e6
+
+
 def linears_floor(model, rows: int) -> float:
     """Milliseconds of one step's linears alone (every weight read once, batch ``rows``) in one CUDA graph."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -44,17 +61,7 @@ def linears_floor(model, rows: int) -> float:
             m(x)
 
     with torch.inference_mode():
-        once()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            once()
-        graph.replay()
-        sync()
-        start = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        sync()
-    return (time.perf_counter() - start) / 20 * 1e3
+        return _graph_us(once) / 1e3
 
 
 def step_only(model, rows: int, mode: str, out: Path | None) -> float:
@@ -158,23 +165,6 @@ def kernel_variants(shape: Shape, layers: int, rows: tuple[int, ...]) -> list[di
             del model
     inductor.coordinate_descent_tuning = False
     return results
-
-
-def _graph_us(fn) -> float:
-    """Microseconds of one replay of ``fn`` captured as a CUDA graph (after two warm-up calls)."""
-    fn()
-    fn()
-    sync()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    sync()
-    start = time.perf_counter()
-    for _ in range(20):
-        graph.replay()
-    sync()
-    return (time.perf_counter() - start) / 20 * 1e6
 
 
 def linear_rates(shape: Shape, rows: tuple[int, ...], copies: int = 8) -> list[dict]:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fast_decode import GREEDY, PROMPT, tiny_chatglm2
 from torch import nn
 
-from glmkit.engine import GenerationConfig, generate_tokens
-from glmkit.models.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+from glmkit.engine import generate_tokens
 from glmkit.models.quantize import Int8Linear, quantize_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GREEDY = GenerationConfig(do_sample=False, max_new_tokens=24)
-PROMPT = [64790, 64792, 30910, 13, 4, 900, 77, 12]
 ROWS = (1, 2, 5, 16, 64, 200, 256, 300)  # one row, tensor-core tiles, more than MAX_KERNEL_ROWS
 
 
@@ -39,17 +37,8 @@ def test_int8_kernel_matches_its_weights(rows, dtype, inputs):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_graphed_step_over_the_kernels_gives_the_eager_tokens(monkeypatch, bits):
-    torch.manual_seed(0)
-    config = ChatGLM2Config(
-        padded_vocab_size=65024, hidden_size=256, num_layers=2, num_attention_heads=4, kv_channels=64,
-        multi_query_attention=True, multi_query_group_num=2, ffn_hidden_size=512, seq_length=128,
-    )  # fmt: skip
-    model = ChatGLM2ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # larger than the default init, so that greedy tokens move around
-        for p in model.parameters():
-            p.normal_(0, 0.3)
     # float32 activations: near-ties of bf16 logits would flip between the eager and compiled kernels
-    model = quantize_model(model.to("cuda"), bits)
+    model = quantize_model(tiny_chatglm2().to("cuda"), bits)
     monkeypatch.setenv("GLMKIT_DECODE", "eager")
     eager = generate_tokens(model, PROMPT, GREEDY)
     monkeypatch.setenv("GLMKIT_DECODE", "compiled")

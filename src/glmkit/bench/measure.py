@@ -17,7 +17,7 @@ import torch
 
 from glmkit.bench.stats import percentile
 from glmkit.engine import Engine, GenerationConfig, iter_tokens
-from glmkit.engine.scheduler import Scheduler
+from glmkit.engine.scheduler import DEFAULT_PREFILL_CHUNK, Scheduler
 
 GiB = 2**30
 
@@ -239,8 +239,8 @@ def ttft_under_load(
     """``newcomer`` arriving while ``others`` streams (``prompts(i)``) decode: its time to first token,
     and the p99 gap between the running streams' tokens in the second before it and while it is prefilled
     (``chunk``: the scheduler's ``prefill_chunk``, default its own)."""
-    sizes = {"prefill_chunk": chunk} if chunk else {}
-    scheduler = Scheduler(Engine(model, CharTokenizer()), max_active=others + 1, max_queue=others + 1, **sizes)
+    scheduler = Scheduler(Engine(model, CharTokenizer()), max_active=others + 1, max_queue=others + 1,
+                          prefill_chunk=chunk or DEFAULT_PREFILL_CHUNK)  # fmt: skip
     config = GenerationConfig(do_sample=False, max_new_tokens=2048)  # longer than the measurement
     stamps: list[list[float]] = [[] for _ in range(others)]
     result: dict[str, Any] = {"others": others, "prompt_tokens": len(newcomer), "chunk": scheduler.prefill_chunk}

@@ -9,7 +9,7 @@ registers:
 
 * one row: a matrix-vector product on the CUDA cores (``_int8_gemv``);
 * up to ``MAX_KERNEL_ROWS`` rows (the scheduler's steps): tiles on the tensor cores (``_int8_mm``);
-* more rows (a prefill, compute-bound): the weight cast whole and cuBLAS.
+* more rows (a prefill, compute-bound): ``Int8Linear`` casts the weight whole for cuBLAS instead.
 
 The kernels are a ``torch.library`` op, so ``torch.compile`` keeps them whole inside a compiled step and
 CUDA graphs replay them.  Block sizes are autotuned once per weight shape on the first call, which is
@@ -26,8 +26,8 @@ import triton.language as tl
 MAX_KERNEL_ROWS = 256
 
 
-def _gemv_configs(sizes: list[tuple[int, int]], warps: tuple[int, ...] = (4, 8)) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=2) for n, k in sizes for w in warps]
+def _gemv_configs(sizes: list[tuple[int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=2) for n, k in sizes for w in (4, 8)]
 
 
 def _mm_configs(sizes: list[tuple[int, int]]) -> list[triton.Config]:
@@ -91,11 +91,9 @@ def _int8_mm(
 
 @torch.library.custom_op("glmkit::int8_matmul", mutates_args=(), device_types="cuda")
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ (weight [N, K] int8 * scale [N]).T`` in ``x``'s dtype."""
+    """``x [M, K] @ (weight [N, K] int8 * scale [N]).T`` in ``x``'s dtype, for M up to ``MAX_KERNEL_ROWS``."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
-    if m > MAX_KERNEL_ROWS:
-        return torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and k % 4 == 0 and weight.data_ptr() % 4 == 0:  # rows of whole, aligned 32-bit words
         _int8_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, scale, out, n, k)

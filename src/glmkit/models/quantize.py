@@ -117,9 +117,11 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":
             return torch._weight_int8pack_mm(_rows_2d(x), self.weight, scale).view(*x.shape[:-1], -1)
         if x.device.type == "cuda":
-            from glmkit.models.int8_kernels import int8_matmul  # Triton: imported on CUDA only
+            from glmkit.models.int8_kernels import MAX_KERNEL_ROWS, int8_matmul  # Triton: imported on CUDA only
 
-            return int8_matmul(_rows_2d(x), self.weight, scale).view(*x.shape[:-1], self.out_features)
+            rows = _rows_2d(x)
+            if rows.shape[0] <= MAX_KERNEL_ROWS:  # more rows (a prefill): compute-bound, cuBLAS below
+                return int8_matmul(rows, self.weight, scale).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
